@@ -1,0 +1,235 @@
+"""Typed params: one pydantic model per params.yaml section; unknown keys and bad values are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from src.errors import UserError
+
+DEFAULT_PARAMS = Path("params.yaml")
+CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+Source = Literal["kaggle", "isic", "dataverse", "local", "synthetic"]
+
+
+class ConfigError(UserError, ValueError):
+    """A params file that cannot be used; the message names the file, key and allowed values."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsParams(Section):
+    raw: Path = Path("data/raw")
+    downloads: Path = Path("data/downloads")
+    splits: Path = Path("data/splits")
+    cache: Path = Path("data/cache")
+    models: Path = Path("models")
+    reports: Path = Path("reports")
+
+
+class DataParams(Section):
+    source: Source = "kaggle"
+    local_path: Path | None = None
+    isic2018_test: bool = False
+    image_size: int = Field(224, ge=16, le=1024)
+    drop_unreadable: bool = False
+    synthetic_lesions: int = Field(240, ge=14)
+    kaggle_url: str = "https://www.kaggle.com/api/v1"
+    kaggle_dataset: str = "kmader/skin-cancer-mnist-ham10000"
+    isic_url: str = "https://isic-challenge-data.s3.amazonaws.com/2018"
+    dataverse_url: str = "https://dataverse.harvard.edu"
+    dataverse_doi: str = "doi:10.7910/DVN/DBW86T"
+    timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> DataParams:
+        if self.source == "local" and self.local_path is None:
+            raise ValueError("data.source 'local' needs data.local_path (a folder or an archive of HAM10000)")
+        return self
+
+
+class SplitParams(Section):
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    seed: int = 42
+    duplicate_max_distance: int = Field(
+        6, ge=0, le=64, description="Hamming distance between perceptual hashes that marks two images as copies"
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitParams:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"split.val_fraction + split.test_fraction = {self.val_fraction + self.test_fraction:.2f}; "
+                "they must sum to less than 0.9 so that training keeps data (train gets the rest)"
+            )
+        return self
+
+
+class ModelParams(Section):
+    name: str = "deit_small_patch16_224"
+    pretrained: bool = True
+    weights: Path | None = None
+    dropout: float = Field(0.1, ge=0, lt=1)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    patch_size: int | None = Field(None, ge=2, description="override the model's patch size (from-scratch only)")
+
+
+class AugmentParams(Section):
+    flips: bool = True
+    rot90: bool = True
+    scale_min: float = Field(0.75, gt=0, le=1, description="smallest crop area fraction of RandomResizedCrop")
+    brightness: float = Field(0.1, ge=0, le=1)
+    contrast: float = Field(0.1, ge=0, le=1)
+    saturation: float = Field(0.1, ge=0, le=1)
+    hue: float = Field(0.02, ge=0, le=0.5)
+
+
+class TrainParams(Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(5e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    l1: float = Field(0.0, ge=0, description="L1 penalty on weights (not norms/biases/tokens)")
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    clip_grad_value: float | None = Field(None, gt=0)
+    warmup_epochs: float = Field(2.0, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    grad_accum_steps: int = Field(1, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    sampler: Literal["none", "balanced", "sqrt"] = "balanced"
+    class_weights: Literal["none", "balanced", "sqrt"] = "none"
+    early_stopping_patience: int | None = Field(10, ge=1)
+    train_fraction: float = Field(1.0, gt=0, le=1, description="use a lesion-stratified fraction (tuning)")
+    augment: AugmentParams = AugmentParams()
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int | None = Field(None, ge=1, description="CPU threads; null = all cores")
+    num_workers: int | None = Field(None, ge=0, description="loader workers; null = chosen for the device")
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 42
+
+
+class EvaluateParams(Section):
+    promote_metric: str = "test/balanced_accuracy"
+    batch_size: int = Field(128, ge=1)
+
+
+class TrackingParams(Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "hmnist-vit"
+    registered_model: str = "hmnist-vit"
+    log_model: bool = True
+
+
+class TuneParams(Section):
+    lr: tuple[float, float] = (1e-5, 3e-3)
+    weight_decay: tuple[float, float] = (1e-4, 0.3)
+    dropout: tuple[float, float] = (0.0, 0.5)
+    clip_grad_norm: tuple[float, float] = (0.1, 10.0)
+    epochs: int = Field(8, ge=1)
+    train_fraction: float = Field(0.5, gt=0, le=1)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    warmup_epochs_before_pruning: int = Field(2, ge=0)
+    seed: int = 42
+    storage: str = "sqlite:///optuna.db"
+    study_name: str = "hmnist-vit-tune"
+    best_params_path: Path = Path("tune/best_params.yaml")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> TuneParams:
+        for key in ("lr", "weight_decay", "dropout", "clip_grad_norm"):
+            low, high = getattr(self, key)
+            if not low < high:
+                raise ValueError(f"tune.{key}: lower bound {low} must be below upper bound {high}")
+            if key != "dropout" and low <= 0:
+                raise ValueError(f"tune.{key}: bounds are searched on a log scale and must be > 0, got {low}")
+            if key == "dropout" and not (low >= 0 and high < 1):
+                raise ValueError(f"tune.dropout: bounds must lie in [0, 1), got [{low}, {high}]")
+        return self
+
+
+class Params(Section):
+    paths: PathsParams = PathsParams()
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+    tune: TuneParams = TuneParams()
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid params"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section = e["loc"][:-1]
+            model = Params
+            for part in section:
+                model = model.model_fields[str(part)].annotation  # type: ignore[assignment]
+            allowed = ", ".join(model.model_fields) if isinstance(model, type) else "?"
+            msg = f"unknown key (allowed here: {allowed})"
+        elif "input" in e and e["type"] != "value_error":
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {key or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, path: Path = DEFAULT_PARAMS) -> Params:
+    """Validate a params mapping; errors name the file and each bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_describe(err, path)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, path)
+
+
+def apply_overrides(params: Params, overrides: list[str]) -> Params:
+    """Apply `section.key=value` overrides (values parsed as YAML), like `dvc exp run -S`."""
+    raw = params.model_dump(mode="json")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=0.001")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return parse_params(raw, Path("<overrides>"))
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """Params as flat `section.key` pairs (for MLflow)."""
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", params.model_dump(mode="json"))
+    return out

@@ -1,0 +1,60 @@
+"""Classification metrics (numpy/sklearn): balanced accuracy is the ISIC 2018 Task 3 metric."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+from src.config import CLASSES
+
+MELANOMA = CLASSES.index("mel")
+
+
+def summary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy and balanced accuracy (mean per-class recall over the classes present)."""
+    preds = probs.argmax(axis=1)
+    return {
+        "accuracy": float(skm.accuracy_score(labels, preds)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, preds)),
+    }
+
+
+def _roc_auc(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
+    positive = labels == k
+    if positive.all() or not positive.any():
+        return float("nan")  # undefined with one class present
+    return float(skm.roc_auc_score(positive, probs[:, k]))
+
+
+def full_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Everything evaluate reports: summary, macro F1, ROC AUC, per-class precision/recall, melanoma."""
+    preds = probs.argmax(axis=1)
+    ks = list(range(len(CLASSES)))
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(labels, preds, labels=ks, zero_division=0)
+    aucs = [_roc_auc(labels, probs, k) for k in ks]
+    out = summary_metrics(labels, probs)
+    out["macro_f1"] = float(np.mean(f1[np.bincount(labels, minlength=len(ks)) > 0]))
+    out["macro_roc_auc"] = float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
+    for k, name in enumerate(CLASSES):
+        out[f"precision_{name}"], out[f"recall_{name}"] = float(precision[k]), float(recall[k])
+        out[f"roc_auc_{name}"] = aucs[k]
+    is_mel, said_mel = labels == MELANOMA, preds == MELANOMA
+    out["melanoma_sensitivity"] = float((said_mel & is_mel).sum() / max(is_mel.sum(), 1))
+    out["melanoma_specificity"] = float((~said_mel & ~is_mel).sum() / max((~is_mel).sum(), 1))
+    return out
+
+
+def confusion(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Confusion matrix, rows = actual, columns = predicted, in CLASSES order."""
+    return skm.confusion_matrix(labels, probs.argmax(axis=1), labels=list(range(len(CLASSES))))
+
+
+def roc_curves(labels: np.ndarray, probs: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """One-vs-rest ROC curve (fpr, tpr) per class present with both outcomes."""
+    curves = {}
+    for k, name in enumerate(CLASSES):
+        positive = labels == k
+        if positive.any() and not positive.all():
+            fpr, tpr, _ = skm.roc_curve(positive, probs[:, k])
+            curves[name] = (fpr, tpr)
+    return curves

@@ -1,0 +1,80 @@
+"""build_model(model_params) -> a timm classifier that takes uint8 images and does its own normalisation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from src.config import CLASSES, ModelParams
+from src.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(UserError, ValueError):
+    """A model that cannot be built or loaded; the message says what to change."""
+
+
+class Classifier(nn.Module):
+    """uint8 NHWC images -> logits. Normalisation lives inside, so training, evaluation,
+    predict and MLflow serving all preprocess identically."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        return self.backbone((x - self.mean) / self.std)
+
+
+class Probabilities(nn.Module):
+    """The served form: uint8 NHWC images -> class probabilities (columns in CLASSES order)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(images).softmax(dim=-1)
+
+
+def _create(params: ModelParams, image_size: int, pretrained: bool) -> nn.Module:
+    kwargs: dict = {"num_classes": len(CLASSES), "drop_rate": params.dropout, "drop_path_rate": params.drop_path}
+    if params.weights is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(params.weights)}
+    if params.patch_size is not None:
+        kwargs["patch_size"] = params.patch_size
+    try:
+        return timm.create_model(params.name, pretrained=pretrained, img_size=image_size, **kwargs)
+    except TypeError:  # models without a fixed input size (CNNs) take no img_size
+        return timm.create_model(params.name, pretrained=pretrained, **kwargs)
+
+
+def build_model(params: ModelParams, image_size: int) -> Classifier:
+    """Create the timm model named in params, with pretrained or local weights when asked."""
+    if params.name not in timm.list_models(pretrained=False):
+        raise ModelError(f"model.name: unknown timm model {params.name!r} (see timm.list_models())")
+    if params.weights is not None and not Path(params.weights).is_file():
+        raise ModelError(f"model.weights: file {params.weights} not found")
+    pretrained = params.pretrained or params.weights is not None
+    try:
+        backbone = _create(params, image_size, pretrained)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained:
+            raise ModelError(f"cannot build {params.name}: {err}") from err
+        raise ModelError(
+            f"could not load pretrained weights for {params.name} ({type(err).__name__}: {err}). "
+            "Offline? Set model.weights: PATH to a local weights file (.safetensors/.pth from timm/HF), "
+            "or model.pretrained: false to train from scratch."
+        ) from err
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    log.info("built %s (%s, %.1fM params)", params.name, "pretrained" if pretrained else "random init",
+             sum(p.numel() for p in backbone.parameters()) / 1e6)
+    return Classifier(backbone, tuple(cfg["mean"]), tuple(cfg["std"]))

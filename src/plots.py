@@ -1,0 +1,44 @@
+"""PNG figures of evaluation results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from src.config import CLASSES  # noqa: E402
+from src.fileio import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def confusion_png(matrix: np.ndarray, path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (recall on the diagonal) with raw counts in each cell."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), n in np.ndenumerate(matrix):
+        ax.text(j, i, f"{n}\n{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xticks=range(len(CLASSES)), yticks=range(len(CLASSES)), xticklabels=CLASSES, yticklabels=CLASSES,
+           xlabel="predicted", ylabel="actual", title=title)
+    _save(fig, path)
+
+
+def roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], aucs: dict[str, float], path: Path, title: str) -> None:
+    """One-vs-rest ROC curve per class, AUC in the legend."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {aucs.get(name, float('nan')):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)

@@ -1,0 +1,175 @@
+"""The one place that talks to MLflow: runs, params, metrics, provenance, models and the registry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import requests
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from src.config import Params, PathsParams, TrackingParams, flatten
+from src.errors import UserError
+from src.fileio import read_json
+
+log = logging.getLogger(__name__)
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+class TrackingError(UserError, RuntimeError):
+    """The tracking server or store cannot be used."""
+
+
+def tracking_uri(tracking: TrackingParams) -> str:
+    """MLFLOW_TRACKING_URI wins over params, as MLflow users expect."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
+
+
+def connect(tracking: TrackingParams) -> str:
+    """Point MLflow at the store and experiment; an unreachable server fails within seconds."""
+    uri = tracking_uri(tracking)
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except requests.RequestException as err:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({type(err).__name__}); start it, or set "
+                "tracking.uri (or MLFLOW_TRACKING_URI) to sqlite:///mlflow.db for a local store"
+            ) from None
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(tracking.experiment)
+    except MlflowException as err:
+        raise TrackingError(f"MLflow store {uri}: {err.message}") from None
+    return uri
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _split_md5(paths: PathsParams) -> str:
+    """The DVC hash of the split stage's output, when dvc.lock records one."""
+    try:
+        lock = yaml.safe_load(Path("dvc.lock").read_text())
+        outs = lock["stages"]["split"]["outs"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    return next((o.get("md5", "") for o in outs if Path(o["path"]) == Path(paths.splits)), "")
+
+
+def provenance(paths: PathsParams) -> dict[str, str]:
+    """Tags that say exactly what produced a run: commit, dirty tree, data source and hashes."""
+    source = read_json(paths.raw / "SOURCE.json")
+    split = read_json(paths.reports / "split.json")
+    return {
+        "git.commit": _git("rev-parse", "HEAD") or "unknown",
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "data.source": str(source.get("source", "unknown")),
+        "data.synthetic": str(source.get("source") == "synthetic").lower(),
+        "data.split_hash": str(split.get("split_hash", "unknown")),
+        "data.dvc_split_md5": _split_md5(paths) or "unknown",
+    }
+
+
+@contextmanager
+def run(run_id: str | None = None, name: str | None = None, nested: bool = False,
+        tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or reopen, for a resumed job) an MLflow run."""
+    with mlflow.start_run(run_id=run_id, run_name=name, nested=nested, tags=tags) as active:
+        yield active
+
+
+def log_params(params: Params) -> None:
+    flat = {k: "null" if v is None else v for k, v in flatten(params).items()}
+    try:
+        mlflow.log_params(flat)
+    except MlflowException:  # a reopened run already has them (params are immutable)
+        log.debug("params already logged for this run")
+
+
+def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    """Per-epoch metrics, stepped by epoch."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+
+
+def set_tags(tags: dict[str, object]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_datasets(frames: dict[str, pd.DataFrame], index_dir: Path) -> None:
+    """Each split's index as an MLflow dataset input (name, digest, schema, source path)."""
+    for split, df in frames.items():
+        ds = mlflow.data.from_pandas(df, source=str(Path(index_dir) / f"{split}.csv"), name=split, targets="dx")
+        mlflow.log_input(ds, context=split)
+
+
+def log_artifact(path: Path, folder: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def _requirements() -> list[str]:
+    import timm
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", "numpy"]
+
+
+def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
+    """Log the served model (uint8 NHWC images -> probabilities) with signature and example; returns its URI."""
+    import mlflow.pytorch
+
+    model = model.cpu().eval()
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model, name="model", input_example=example, signature=infer_signature(example, output),
+        pip_requirements=_requirements(), serialization_format="pt2",
+    )
+    return info.model_uri
+
+
+def _champion_score(client: MlflowClient, name: str, metric: str) -> float | None:
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    value = champion.tags.get(metric)
+    return float(value) if value is not None else None
+
+
+def register(model_uri: str, run_id: str, metrics: dict[str, float], tracking: TrackingParams,
+             metric: str) -> dict[str, object]:
+    """Register a version, tag it, make it `challenger`, and `champion` if it beats the current one."""
+    client = MlflowClient()
+    if metric not in metrics:
+        raise TrackingError(f"evaluate.promote_metric: {metric!r} is not a computed metric; "
+                            f"choose one of {sorted(metrics)}")
+    version = mlflow.register_model(model_uri, tracking.registered_model, tags={"run_id": run_id}).version
+    for key, value in metrics.items():
+        client.set_model_version_tag(tracking.registered_model, version, key, f"{value:.6g}")
+    client.set_registered_model_alias(tracking.registered_model, CHALLENGER, version)
+    previous = _champion_score(client, tracking.registered_model, metric)
+    promoted = previous is None or metrics[metric] > previous
+    if promoted:
+        client.set_registered_model_alias(tracking.registered_model, CHAMPION, version)
+    log.info("registered %s version %s (%s %.4f; champion %s): %s", tracking.registered_model, version, metric,
+             metrics[metric], previous, "promoted to champion" if promoted else "stays challenger")
+    return {"version": int(version), "promoted": promoted, "previous_champion_score": previous}

@@ -1,0 +1,151 @@
+"""Stage `train`: fit the ViT on the split cache, checkpoint and resume, track the run in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from src import cli
+from src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from src.config import Params
+from src.data import SplitData, class_weights, load_split, make_loader, subsample_lesions, train_loader, train_transform
+from src.engine import EpochCallback, FitResult, fit, seed_everything, select_device
+from src.fileio import read_json, write_json, write_text
+from src.model import Classifier, Probabilities, build_model
+
+log = logging.getLogger(__name__)
+HISTORY_COLUMNS = ("epoch", "train/loss", "val/loss", "val/accuracy", "val/balanced_accuracy", "lr",
+                   "train/images_per_s", "train/grad_norm", "epoch_seconds")
+
+
+@dataclass(frozen=True)
+class TrainData:
+    train: SplitData
+    val: SplitData
+
+    @property
+    def image_size(self) -> int:
+        return self.val.dataset.image_size
+
+
+def load_train_data(params: Params) -> TrainData:
+    """The train split (lesion-subsampled when train.train_fraction < 1, augmented) and the val split."""
+    paths, train = params.paths, params.train
+    val = load_split(paths.splits, paths.cache, "val")
+    full = load_split(paths.splits, paths.cache, "train")
+    frame = subsample_lesions(full.frame, train.train_fraction, train.seed)
+    transform = train_transform(train.augment, val.dataset.image_size)
+    dataset = type(full.dataset)(full.dataset.cache_file, frame["cache_row"].to_numpy(), frame["label"].to_numpy(),
+                                 transform)
+    return TrainData(SplitData(frame, dataset), val)
+
+
+def run_config(params: Params, image_size: int) -> dict:
+    """What a checkpoint must match to be resumed: the model, the training params and the data."""
+    split_hash = read_json(params.paths.reports / "split.json").get("split_hash", "unknown")
+    return {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json"),
+            "data": {"image_size": image_size, "split_hash": split_hash}}
+
+
+def resumable_checkpoint(checkpoint_dir: Path, config: dict) -> dict | None:
+    """The last checkpoint when it was made by the same config; otherwise start afresh (and say why)."""
+    last = checkpoint_dir / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        state = load_checkpoint(last)
+    except CheckpointError as err:
+        log.warning("ignoring unusable checkpoint: %s", err)
+        return None
+    if state["config"] != config:
+        log.info("%s was made with other params or data; starting a new run", last)
+        return None
+    return state
+
+
+def configure_threads(params: Params) -> torch.device:
+    device = select_device(params.train.device)
+    if device.type == "cpu":
+        torch.set_num_threads(params.train.threads or os.cpu_count() or 1)
+    return device
+
+
+def run_training(params: Params, data: TrainData, checkpoint_dir: Path | None, resume: dict | None = None,
+                 on_epoch_end: EpochCallback | None = None, extra: dict | None = None) -> tuple[Classifier, FitResult]:
+    """Build the model and fit it; the shared core of the train stage and of every tuning trial."""
+    device = configure_threads(params)
+    seed_everything(params.train.seed)
+    model = build_model(params.model, data.image_size).to(device)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if params.train.compile else model
+    loaders = (train_loader(data.train, params.train, device),
+               make_loader(data.val.dataset, params.evaluate.batch_size, device, params.train.num_workers))
+    weight = None
+    if params.train.class_weights != "none":
+        weight = torch.tensor(class_weights(data.train.dataset.labels, params.train.class_weights), dtype=torch.float32)
+    result = fit(runner, loaders, params.train, device, checkpoint_dir=checkpoint_dir,
+                 config=run_config(params, data.image_size), resume=resume, on_epoch_end=on_epoch_end,
+                 class_weight=weight, extra=extra)
+    return model, result
+
+
+def write_reports(result: FitResult, reports: Path) -> None:
+    """Per-epoch history (DVC plots) and the best epoch's validation metrics (DVC metrics)."""
+    history = pd.DataFrame(result.history)
+    write_text(reports / "train_history.csv", history[[c for c in HISTORY_COLUMNS if c in history]].to_csv(index=False))
+    write_json(reports / "train.json", {**{k: v for k, v in result.best_metrics.items() if k.startswith("val/")},
+                                        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                                        "stopped_early": result.stopped_early})
+
+
+def example_batch(data: TrainData, n: int = 2) -> np.ndarray:
+    """A real batch of validation images for the MLflow signature and input example (batch >= 2)."""
+    return np.stack([data.val.dataset[i][0].numpy() for i in range(min(n, len(data.val.dataset)))])
+
+
+def train(params: Params) -> dict[str, float]:
+    """The train stage: fit (resuming if possible), write the best model and reports, log to MLflow."""
+    from src import tracking  # the entry point, not the core, talks to MLflow
+
+    paths = params.paths
+    data = load_train_data(params)
+    checkpoint_dir = paths.models / "checkpoints"
+    resume = resumable_checkpoint(checkpoint_dir, run_config(params, data.image_size))
+    if resume is None and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    tracking.connect(params.tracking)
+    tags = {**tracking.provenance(paths), "stage": "train"}
+    with tracking.run(run_id=resume.get("mlflow_run_id") if resume else None, tags=tags) as active:
+        run_id = active.info.run_id
+        tracking.log_params(params)
+        tracking.log_datasets({"train": data.train.frame, "val": data.val.frame}, paths.splits)
+        model, result = run_training(params, data, checkpoint_dir, resume, tracking.log_epoch,
+                                     extra={"mlflow_run_id": run_id})
+        best = load_checkpoint(checkpoint_dir / "best.pt")
+        model.load_state_dict(best["model"])
+        model_uri = tracking.log_model(Probabilities(model), example_batch(data)) if params.tracking.log_model else ""
+        save_checkpoint(paths.models / "best.pt", {**best, "mlflow_run_id": run_id, "model_uri": model_uri})
+        write_reports(result, paths.reports)
+        tracking.log_metrics({f"best/{k}": v for k, v in result.best_metrics.items() if k.startswith("val/")})
+        tracking.set_tags({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early})
+        tracking.log_artifact(paths.reports / "train_history.csv")
+    log.info("best epoch %d: val/balanced_accuracy %.4f; model %s", result.best_epoch,
+             result.best_metrics["val/balanced_accuracy"], paths.models / "best.pt")
+    return result.best_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cli.parser("Train the classifier on the split cache (resumes an interrupted run).").parse_args(argv)
+    return cli.run_main(lambda: train(cli.load(args)) and 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
