@@ -81,6 +81,14 @@ def l1_penalty(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     return sum(p.abs().sum() for p in optimizer.param_groups[0]["params"])
 
 
+def clip_gradients(model: nn.Module, train: TrainParams) -> torch.Tensor:
+    """Clip by value, then by global norm (when set); returns the norm before norm-clipping."""
+    if train.clip_grad_value is not None:
+        nn.utils.clip_grad_value_(model.parameters(), train.clip_grad_value)
+    max_norm = train.clip_grad_norm if train.clip_grad_norm is not None else float("inf")
+    return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 @dataclass
 class Schedule:
     """Optimizer-step bookkeeping; its state is a plain dict in checkpoints."""
@@ -93,8 +101,16 @@ class Schedule:
         return {"step": self.step, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                    train: TrainParams, sched: Schedule, device: torch.device, desc: str = "train") -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    train: TrainParams,
+    sched: Schedule,
+    device: torch.device,
+    desc: str = "train",
+) -> dict:
     """One pass over the loader; returns mean loss, mean pre-clip gradient norm and images/s."""
     model.train()
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no per-step sync
@@ -112,10 +128,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if (i + 1) % train.grad_accum_steps == 0 or i + 1 == n_batches:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(sched.step, sched.total_steps, sched.warmup_steps, train.lr, train.min_lr)
-            if train.clip_grad_value is not None:
-                nn.utils.clip_grad_value_(model.parameters(), train.clip_grad_value)
-            max_norm = train.clip_grad_norm if train.clip_grad_norm is not None else float("inf")
-            norm_sum += nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            norm_sum += clip_gradients(model, train)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sched.step += 1
@@ -123,8 +136,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     mean_loss = (loss_sum / max(seen, 1)).item()
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"training loss is {mean_loss}; lower train.lr or enable train.clip_grad_norm")
-    return {"train/loss": mean_loss, "train/grad_norm": (norm_sum / max(updates, 1)).item(),
-            "train/images_per_s": seen / (time.perf_counter() - start), "lr": optimizer.param_groups[0]["lr"]}
+    return {
+        "train/loss": mean_loss,
+        "train/grad_norm": (norm_sum / max(updates, 1)).item(),
+        "train/images_per_s": seen / (time.perf_counter() - start),
+        "lr": optimizer.param_groups[0]["lr"],
+    }
 
 
 @torch.inference_mode()
@@ -162,8 +179,13 @@ class FitState:
         return cls(**ckpt["fit"])
 
     def as_dict(self) -> dict:
-        return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "history": self.history}
+        return {
+            "epoch": self.epoch,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+        }
 
 
 @dataclass(frozen=True)
@@ -178,10 +200,18 @@ def _loss_fn(train: TrainParams, class_weight: torch.Tensor | None) -> nn.Module
     return nn.CrossEntropyLoss(weight=class_weight, label_smoothing=train.label_smoothing)
 
 
-def fit(model: nn.Module, loaders: tuple[DataLoader, DataLoader], train: TrainParams, device: torch.device,
-        checkpoint_dir: Path | None = None, config: dict | None = None, resume: dict | None = None,
-        on_epoch_end: EpochCallback | None = None, class_weight: torch.Tensor | None = None,
-        extra: dict | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    loaders: tuple[DataLoader, DataLoader],
+    train: TrainParams,
+    device: torch.device,
+    checkpoint_dir: Path | None = None,
+    config: dict | None = None,
+    resume: dict | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    class_weight: torch.Tensor | None = None,
+    extra: dict | None = None,
+) -> FitResult:
     """Train with early stopping on val balanced accuracy; checkpoint last/best each epoch.
 
     `resume` is a last.pt checkpoint to continue from. `config` and `extra` are recorded in checkpoints.
@@ -206,8 +236,9 @@ def fit(model: nn.Module, loaders: tuple[DataLoader, DataLoader], train: TrainPa
             break
         seed_everything(train.seed * 1000 + epoch)  # per-epoch seeds make resumed runs identical
         start = time.perf_counter()
-        metrics = train_one_epoch(model, train_loader, optimizer, loss_fn, train, sched, device,
-                                  desc=f"epoch {epoch + 1}/{train.epochs}")
+        metrics = train_one_epoch(
+            model, train_loader, optimizer, loss_fn, train, sched, device, desc=f"epoch {epoch + 1}/{train.epochs}"
+        )
         metrics.update(evaluate(model, val_loader, device))
         metrics["epoch_seconds"] = time.perf_counter() - start
         score = metrics["val/balanced_accuracy"]
@@ -215,16 +246,30 @@ def fit(model: nn.Module, loaders: tuple[DataLoader, DataLoader], train: TrainPa
         state.epoch, state.history = epoch + 1, [*state.history, {"epoch": epoch + 1, **metrics}]
         state.best_score, state.best_epoch = (score, epoch + 1) if improved else (state.best_score, state.best_epoch)
         state.bad_epochs = 0 if improved else state.bad_epochs + 1
-        log.info("epoch %d/%d  loss %.4f  val/loss %.4f  val/bacc %.4f  %.0f img/s", epoch + 1, train.epochs,
-                 metrics["train/loss"], metrics["val/loss"], score, metrics["train/images_per_s"])
+        log.info(
+            "epoch %d/%d  loss %.4f  val/loss %.4f  val/bacc %.4f  %.0f img/s",
+            epoch + 1,
+            train.epochs,
+            metrics["train/loss"],
+            metrics["val/loss"],
+            score,
+            metrics["train/images_per_s"],
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
         if checkpoint_dir is not None:
-            base = {"model": raw_model.state_dict(), "config": config or {}, "metrics": metrics,
-                    "epoch": epoch + 1, **(extra or {})}
+            base = {
+                "model": raw_model.state_dict(),
+                "config": config or {},
+                "metrics": metrics,
+                "epoch": epoch + 1,
+                **(extra or {}),
+            }
             if improved:
                 save_checkpoint(checkpoint_dir / "best.pt", base)
-            save_checkpoint(checkpoint_dir / "last.pt", {**base, "optimizer": optimizer.state_dict(),
-                                                         "scheduler": sched.state_dict(), "fit": state.as_dict()})
+            save_checkpoint(
+                checkpoint_dir / "last.pt",
+                {**base, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "fit": state.as_dict()},
+            )
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return FitResult(best, state.history, state.best_epoch, stopped_early)

@@ -64,6 +64,8 @@ def build_model(params: ModelParams, image_size: int) -> Classifier:
     if params.weights is not None and not Path(params.weights).is_file():
         raise ModelError(f"model.weights: file {params.weights} not found")
     pretrained = params.pretrained or params.weights is not None
+    if params.pretrained and params.weights is None:
+        log.info("fetching pretrained weights for %s from the Hugging Face hub (offline? set model.weights)", params.name)
     try:
         backbone = _create(params, image_size, pretrained)
     except (OSError, RuntimeError, ValueError) as err:
@@ -75,6 +77,10 @@ def build_model(params: ModelParams, image_size: int) -> Classifier:
             "or model.pretrained: false to train from scratch."
         ) from err
     cfg = timm.data.resolve_data_config({}, model=backbone)
-    log.info("built %s (%s, %.1fM params)", params.name, "pretrained" if pretrained else "random init",
-             sum(p.numel() for p in backbone.parameters()) / 1e6)
+    log.info(
+        "built %s (%s, %.1fM params)",
+        params.name,
+        "pretrained" if pretrained else "random init",
+        sum(p.numel() for p in backbone.parameters()) / 1e6,
+    )
     return Classifier(backbone, tuple(cfg["mean"]), tuple(cfg["std"]))

@@ -1,0 +1,59 @@
+import pytest
+import torch
+from torch import nn
+
+from src.config import ModelParams
+from src.model import ModelError, Probabilities, build_model
+
+TINY = ModelParams(name="test_vit", pretrained=False, dropout=0.3, drop_path=0.2)
+
+
+def test_classifier_takes_uint8_images_and_returns_seven_logits():
+    model = build_model(TINY, 32).eval()
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    assert model(images).shape == (3, 7)
+    probs = Probabilities(model)(images)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_dropout_and_drop_path_reach_the_model():
+    model = build_model(TINY, 32)
+    dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    drop_paths = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert 0.3 in dropouts
+    assert drop_paths and max(drop_paths) == pytest.approx(0.2)
+
+
+def test_patch_size_override():
+    model = build_model(TINY.model_copy(update={"patch_size": 8}), 32)
+    assert model.backbone.patch_embed.num_patches == 16
+
+
+def test_unknown_model_and_missing_weights_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="unknown timm model"):
+        build_model(TINY.model_copy(update={"name": "not_a_model"}), 32)
+    with pytest.raises(ModelError, match="model.weights"):
+        build_model(TINY.model_copy(update={"weights": tmp_path / "missing.safetensors"}), 32)
+
+
+def test_unfetchable_pretrained_weights_name_both_options(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    # HF_HUB_OFFLINE=1, as an air-gapped site sets it (read at import, hence the attribute); empty cache.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ModelError) as err:
+        build_model(ModelParams(name="test_vit", pretrained=True), 32)
+    assert "model.weights" in str(err.value) and "model.pretrained: false" in str(err.value)
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    from safetensors.torch import save_file
+    import timm
+
+    source = timm.create_model("test_vit", pretrained=False, num_classes=7, img_size=32)
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = build_model(TINY.model_copy(update={"weights": path}), 32)
+    assert torch.equal(model.backbone.pos_embed, source.pos_embed)
