@@ -58,7 +58,10 @@ class SplitParams(Section):
     test_fraction: float = Field(0.15, gt=0, lt=1)
     seed: int = 42
     duplicate_max_distance: int = Field(
-        6, ge=0, le=64, description="Hamming distance between perceptual hashes that marks two images as copies"
+        6,
+        ge=0,
+        le=64,
+        description="perceptual-hash Hamming radius for copy candidates (each confirmed by a detail check)",
     )
 
     @model_validator(mode="after")

@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-from src.config import CLASSES, AugmentParams, TrainParams
+from src.config import CLASSES, AugmentParams, PathsParams, TrainParams
 from src.rawdata import DataError
+from src.split import cache_path, read_split
 
 
 class CachedImages(Dataset):
@@ -26,8 +27,10 @@ class CachedImages(Dataset):
         self.rows, self.labels = np.asarray(rows, dtype=np.int64), np.asarray(labels, dtype=np.int64)
         self._images: np.ndarray | None = None  # opened lazily so each loader worker maps its own view
         if len(self.rows) and self.rows.max() >= self.images.shape[0]:
-            raise DataError(f"{cache_file}: has {self.images.shape[0]} images but the split index asks "
-                            f"for row {self.rows.max()}; rerun `dvc repro split`")
+            raise DataError(
+                f"{cache_file}: has {self.images.shape[0]} images but the split index asks "
+                f"for row {self.rows.max()}; rerun `dvc repro split`"
+            )
 
     @property
     def images(self) -> np.ndarray:
@@ -47,6 +50,89 @@ class CachedImages(Dataset):
         if self.transform is not None:
             img = self.transform(img.permute(2, 0, 1)).permute(1, 2, 0).contiguous()
         return img, int(self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """`[self[i] for i in indices]`, with a trailing ColorJitter run once on the batch (the loader calls this).
+
+        Per-sample colour jitter costs more than the ViT step it feeds at small sizes on a CPU; the batched form
+        draws the same random parameters in the same order, so the augmentation and the RNG stream are unchanged.
+        """
+        steps = list(getattr(self.transform, "transforms", ()))
+        if not steps or not isinstance(steps[-1], v2.ColorJitter):
+            return [self[i] for i in indices]
+        jitter, images, params = steps[-1], [], []
+        for i in indices:
+            img = torch.from_numpy(np.array(self.images[self.rows[i]])).permute(2, 0, 1)
+            for step in steps[:-1]:
+                img = step(img)
+            images.append(img)
+            params.append(jitter.make_params([img]))  # the draws jitter(img) would make, at the same point
+        batch = color_jitter_batch(torch.stack(images), params).permute(0, 2, 3, 1).contiguous()
+        return [(img, int(self.labels[i])) for img, i in zip(batch.unbind(0), indices, strict=True)]
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """Grayscale of float [0, 255] (B, 3, H, W) pixels, floored as torchvision does for uint8 images."""
+    return x[:, 0].mul(0.2989).add_(x[:, 1], alpha=0.587).add_(x[:, 2], alpha=0.114).floor_().unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+    return x.mul(ratio).add_(other * rest).clamp_(0, 255).floor_()
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by `shift` turns: torchvision's RGB->HSV->RGB round trip in closed form."""
+    x = x.mul(1.0 / 255)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
+    chroma = maxc - minc
+    inv = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
+    sextant = torch.where(
+        maxc == r, (g - b).mul_(inv), torch.where(maxc == g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0))
+    )
+    sextant = sextant.add_(shift * 6.0).remainder_(6.0)
+    k = (sextant + _HUE_OFFSETS).remainder_(6.0)  # channel n = V - C * clamp(min(k, 4 - k), 0, 1)
+    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return (maxc - chroma * weight).clamp_(0.0, 1.0).mul_(255.999).floor_()
+
+
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+_JITTER_KEYS = ("brightness_factor", "contrast_factor", "saturation_factor", "hue_factor")  # ColorJitter's fn_idx
+
+
+def color_jitter_batch(images: torch.Tensor, params: list[dict]) -> torch.Tensor:
+    """v2.ColorJitter on a uint8 (B, 3, H, W) batch, image b with `params[b]` from `ColorJitter.make_params`.
+
+    Each image gets its four ops in its own order: before each of the four rounds the images are regrouped by
+    the op they apply next, so that every op runs once per round on a contiguous slice. The pixels stay float
+    in [0, 255] but are floored after each op as the uint8 path truncates, so the output matches the per-sample
+    transform up to float rounding (a pixel level, rarely).
+    """
+    x = images.float()
+    at = list(range(len(params)))  # x[i] holds image at[i]
+    for position in range(4):
+        ops = [int(params[b]["fn_idx"][position]) for b in at]
+        regroup = sorted(range(len(at)), key=ops.__getitem__)
+        if regroup != list(range(len(at))):
+            x, at, ops = x[regroup], [at[i] for i in regroup], [ops[i] for i in regroup]
+        begin = 0
+        for op, key in enumerate(_JITTER_KEYS):
+            end = begin + ops.count(op)
+            if end > begin and params[at[begin]][key] is not None:  # None: this jitter leaves that property alone
+                factor = torch.tensor([params[b][key] for b in at[begin:end]], dtype=torch.float32).view(-1, 1, 1, 1)
+                part = x[begin:end]
+                if op == 0:
+                    part.mul_(factor).clamp_(0, 255).floor_()
+                elif op == 3:
+                    part.copy_(_shift_hue(part, factor))
+                else:
+                    gray = _luma(part)
+                    other = gray.mean(dim=(-3, -2, -1), keepdim=True) if op == 1 else gray
+                    rest = torch.tensor([1.0 - params[b][key] for b in at[begin:end]]).view(-1, 1, 1, 1)
+                    part.copy_(_blend(part, other, factor, rest))
+            begin = end
+    out = x.to(torch.uint8)
+    return out[sorted(range(len(at)), key=at.__getitem__)]
 
 
 class RandomRot90(torch.nn.Module):
@@ -113,23 +199,34 @@ class SplitData:
     dataset: CachedImages
 
 
-def load_split(splits_dir: Path, cache_dir: Path, name: str, transform=None) -> SplitData:
+def load_split(paths: PathsParams, name: str, transform=None) -> SplitData:
     """Read one split's index and wrap its rows of the cache."""
-    index = Path(splits_dir) / f"{name}.csv"
-    if not index.exists():
-        raise DataError(f"{index}: split index not found; run `python -m src.split` (or `dvc repro split`)")
-    df = pd.read_csv(index, dtype={"lesion_id": str, "image_id": str})
-    cache = Path(cache_dir) / ("isic2018_test.npy" if name == "isic2018_test" else "images.npy")
-    return SplitData(df, CachedImages(cache, df["cache_row"].to_numpy(), df["label"].to_numpy(), transform))
+    df = read_split(paths, name)
+    return SplitData(
+        df, CachedImages(cache_path(paths, name), df["cache_row"].to_numpy(), df["label"].to_numpy(), transform)
+    )
 
 
-def make_loader(dataset: Dataset, batch_size: int, device: torch.device, workers: int | None,
-                sampler=None, shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    workers: int | None,
+    sampler=None,
+    shuffle: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
     workers = default_workers(device) if workers is None else workers
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle and sampler is None,
-        drop_last=drop_last, num_workers=workers, pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle and sampler is None,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
     )
 
 
@@ -138,5 +235,6 @@ def train_loader(split: SplitData, train: TrainParams, device: torch.device) -> 
     labels = split.dataset.labels
     sampler = make_sampler(labels, train.sampler)
     drop_last = len(labels) > train.batch_size
-    return make_loader(split.dataset, train.batch_size, device, train.num_workers, sampler=sampler,
-                       shuffle=True, drop_last=drop_last)
+    return make_loader(
+        split.dataset, train.batch_size, device, train.num_workers, sampler=sampler, shuffle=True, drop_last=drop_last
+    )

@@ -43,27 +43,41 @@ def predictions_frame(frame: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
 
 def evaluate_split(model: Classifier, params: Params, name: str, image_size: int, device: torch.device) -> dict:
     """Metrics, predictions CSV and plots for one split; returns metrics under the split's prefix."""
-    split = load_split(params.paths.splits, params.paths.cache, name)
+    split = load_split(params.paths, name)
     if split.dataset.image_size != image_size:
-        raise DataError(f"{split.dataset.cache_file}: images are {split.dataset.image_size} px but the model was "
-                        f"trained at {image_size} px; rerun `dvc repro` so split and train agree")
+        raise DataError(
+            f"{split.dataset.cache_file}: images are {split.dataset.image_size} px but the model was "
+            f"trained at {image_size} px; rerun `dvc repro` so split and train agree"
+        )
     loader = make_loader(split.dataset, params.evaluate.batch_size, device, params.train.num_workers)
     probs, labels = predict(model, loader, device)
     reports = params.paths.reports
     suffix = "" if name == "test" else f"_{name}"
     preds = predictions_frame(split.frame, probs)
     write_text(reports / f"predictions{suffix}.csv", preds.to_csv(index=False))
-    write_text(reports / f"confusion{suffix}.csv",
-               preds.rename(columns={"dx": "actual"})[["actual", "predicted"]].to_csv(index=False))
+    write_text(
+        reports / f"confusion{suffix}.csv",
+        preds.rename(columns={"dx": "actual"})[["actual", "predicted"]].to_csv(index=False),
+    )
     curves = roc_curves(labels, probs)
     roc = pd.concat([pd.DataFrame({"class": c, "fpr": f, "tpr": t}) for c, (f, t) in curves.items()])
     write_text(reports / f"roc{suffix}.csv", roc.to_csv(index=False))
     metrics = full_metrics(labels, probs)
     confusion_png(confusion(labels, probs), reports / f"confusion_matrix{suffix}.png", f"{name}: confusion")
-    roc_png(curves, {c: metrics[f"roc_auc_{c}"] for c in CLASSES}, reports / f"roc_curves{suffix}.png",
-            f"{name}: ROC (one vs rest)")
-    log.info("%s: balanced accuracy %.4f, accuracy %.4f, macro AUC %.4f (%d images)", name,
-             metrics["balanced_accuracy"], metrics["accuracy"], metrics["macro_roc_auc"], len(labels))
+    roc_png(
+        curves,
+        {c: metrics[f"roc_auc_{c}"] for c in CLASSES},
+        reports / f"roc_curves{suffix}.png",
+        f"{name}: ROC (one vs rest)",
+    )
+    log.info(
+        "%s: balanced accuracy %.4f, accuracy %.4f, macro AUC %.4f (%d images)",
+        name,
+        metrics["balanced_accuracy"],
+        metrics["accuracy"],
+        metrics["macro_roc_auc"],
+        len(labels),
+    )
     return {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/images": len(labels)}
 
 
@@ -87,8 +101,9 @@ def evaluate(params: Params) -> dict[str, float]:
             tracking.log_artifact(png, "evaluation")
         tracking.log_artifact(params.paths.reports / "evaluate.json", "evaluation")
         if ckpt.get("model_uri"):
-            result = tracking.register(ckpt["model_uri"], active.info.run_id, metrics, params.tracking,
-                                       params.evaluate.promote_metric)
+            result = tracking.register(
+                ckpt["model_uri"], active.info.run_id, metrics, params.tracking, params.evaluate.promote_metric
+            )
             tracking.set_tags({"registry.version": result["version"], "registry.champion": result["promoted"]})
         else:
             log.warning("the checkpoint has no logged MLflow model (tracking.log_model: false); nothing registered")

@@ -25,6 +25,8 @@ from src.fileio import read_json
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
+# Read once: mlflow.set_tracking_uri() writes this variable too, so a later read would see our own last URI.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 class TrackingError(UserError, RuntimeError):
@@ -33,7 +35,7 @@ class TrackingError(UserError, RuntimeError):
 
 def tracking_uri(tracking: TrackingParams) -> str:
     """MLFLOW_TRACKING_URI wins over params, as MLflow users expect."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
+    return USER_TRACKING_URI or tracking.uri
 
 
 def connect(tracking: TrackingParams) -> str:
@@ -48,6 +50,7 @@ def connect(tracking: TrackingParams) -> str:
                 "tracking.uri (or MLFLOW_TRACKING_URI) to sqlite:///mlflow.db for a local store"
             ) from None
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # else the registry keeps the first store a process used
     try:
         mlflow.set_experiment(tracking.experiment)
     except MlflowException as err:
@@ -87,8 +90,9 @@ def provenance(paths: PathsParams) -> dict[str, str]:
 
 
 @contextmanager
-def run(run_id: str | None = None, name: str | None = None, nested: bool = False,
-        tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+def run(
+    run_id: str | None = None, name: str | None = None, nested: bool = False, tags: dict[str, str] | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or reopen, for a resumed job) an MLflow run."""
     with mlflow.start_run(run_id=run_id, run_name=name, nested=nested, tags=tags) as active:
         yield active
@@ -140,8 +144,12 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
     info = mlflow.pytorch.log_model(
-        model, name="model", input_example=example, signature=infer_signature(example, output),
-        pip_requirements=_requirements(), serialization_format="pt2",
+        model,
+        name="model",
+        input_example=example,
+        signature=infer_signature(example, output),
+        pip_requirements=_requirements(),
+        serialization_format="pt2",
     )
     return info.model_uri
 
@@ -155,13 +163,15 @@ def _champion_score(client: MlflowClient, name: str, metric: str) -> float | Non
     return float(value) if value is not None else None
 
 
-def register(model_uri: str, run_id: str, metrics: dict[str, float], tracking: TrackingParams,
-             metric: str) -> dict[str, object]:
+def register(
+    model_uri: str, run_id: str, metrics: dict[str, float], tracking: TrackingParams, metric: str
+) -> dict[str, object]:
     """Register a version, tag it, make it `challenger`, and `champion` if it beats the current one."""
     client = MlflowClient()
     if metric not in metrics:
-        raise TrackingError(f"evaluate.promote_metric: {metric!r} is not a computed metric; "
-                            f"choose one of {sorted(metrics)}")
+        raise TrackingError(
+            f"evaluate.promote_metric: {metric!r} is not a computed metric; choose one of {sorted(metrics)}"
+        )
     version = mlflow.register_model(model_uri, tracking.registered_model, tags={"run_id": run_id}).version
     for key, value in metrics.items():
         client.set_model_version_tag(tracking.registered_model, version, key, f"{value:.6g}")
@@ -170,6 +180,29 @@ def register(model_uri: str, run_id: str, metrics: dict[str, float], tracking: T
     promoted = previous is None or metrics[metric] > previous
     if promoted:
         client.set_registered_model_alias(tracking.registered_model, CHAMPION, version)
-    log.info("registered %s version %s (%s %.4f; champion %s): %s", tracking.registered_model, version, metric,
-             metrics[metric], previous, "promoted to champion" if promoted else "stays challenger")
+    log.info(
+        "registered %s version %s (%s %.4f; champion %s): %s",
+        tracking.registered_model,
+        version,
+        metric,
+        metrics[metric],
+        previous,
+        "promoted to champion" if promoted else "stays challenger",
+    )
     return {"version": int(version), "promoted": promoted, "previous_champion_score": previous}
+
+
+def log_figure(fig, name: str) -> None:
+    """A matplotlib figure as a PNG artifact of the active run (under plots/)."""
+    mlflow.log_figure(fig, f"plots/{name}", save_kwargs={"dpi": 100, "bbox_inches": "tight"})
+
+
+def close_run(run_id: str, status: str, tags: dict[str, object]) -> None:
+    """Tag and end a run that its process left open (a killed tuning trial); a missing run is only logged."""
+    client = MlflowClient()
+    try:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+        client.set_terminated(run_id, status)
+    except MlflowException as err:
+        log.warning("could not close MLflow run %s: %s", run_id, err.message)

@@ -21,8 +21,17 @@ from src.fileio import read_json, write_json, write_text
 from src.model import Classifier, Probabilities, build_model
 
 log = logging.getLogger(__name__)
-HISTORY_COLUMNS = ("epoch", "train/loss", "val/loss", "val/accuracy", "val/balanced_accuracy", "lr",
-                   "train/images_per_s", "train/grad_norm", "epoch_seconds")
+HISTORY_COLUMNS = (
+    "epoch",
+    "train/loss",
+    "val/loss",
+    "val/accuracy",
+    "val/balanced_accuracy",
+    "lr",
+    "train/images_per_s",
+    "train/grad_norm",
+    "epoch_seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -38,20 +47,24 @@ class TrainData:
 def load_train_data(params: Params) -> TrainData:
     """The train split (lesion-subsampled when train.train_fraction < 1, augmented) and the val split."""
     paths, train = params.paths, params.train
-    val = load_split(paths.splits, paths.cache, "val")
-    full = load_split(paths.splits, paths.cache, "train")
+    val = load_split(paths, "val")
+    full = load_split(paths, "train")
     frame = subsample_lesions(full.frame, train.train_fraction, train.seed)
     transform = train_transform(train.augment, val.dataset.image_size)
-    dataset = type(full.dataset)(full.dataset.cache_file, frame["cache_row"].to_numpy(), frame["label"].to_numpy(),
-                                 transform)
+    dataset = type(full.dataset)(
+        full.dataset.cache_file, frame["cache_row"].to_numpy(), frame["label"].to_numpy(), transform
+    )
     return TrainData(SplitData(frame, dataset), val)
 
 
 def run_config(params: Params, image_size: int) -> dict:
     """What a checkpoint must match to be resumed: the model, the training params and the data."""
     split_hash = read_json(params.paths.reports / "split.json").get("split_hash", "unknown")
-    return {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json"),
-            "data": {"image_size": image_size, "split_hash": split_hash}}
+    return {
+        "model": params.model.model_dump(mode="json"),
+        "train": params.train.model_dump(mode="json"),
+        "data": {"image_size": image_size, "split_hash": split_hash},
+    }
 
 
 def resumable_checkpoint(checkpoint_dir: Path, config: dict) -> dict | None:
@@ -77,8 +90,14 @@ def configure_threads(params: Params) -> torch.device:
     return device
 
 
-def run_training(params: Params, data: TrainData, checkpoint_dir: Path | None, resume: dict | None = None,
-                 on_epoch_end: EpochCallback | None = None, extra: dict | None = None) -> tuple[Classifier, FitResult]:
+def run_training(
+    params: Params,
+    data: TrainData,
+    checkpoint_dir: Path | None,
+    resume: dict | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    extra: dict | None = None,
+) -> tuple[Classifier, FitResult]:
     """Build the model and fit it; the shared core of the train stage and of every tuning trial."""
     device = configure_threads(params)
     seed_everything(params.train.seed)
@@ -86,14 +105,25 @@ def run_training(params: Params, data: TrainData, checkpoint_dir: Path | None, r
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if params.train.compile else model
-    loaders = (train_loader(data.train, params.train, device),
-               make_loader(data.val.dataset, params.evaluate.batch_size, device, params.train.num_workers))
+    loaders = (
+        train_loader(data.train, params.train, device),
+        make_loader(data.val.dataset, params.evaluate.batch_size, device, params.train.num_workers),
+    )
     weight = None
     if params.train.class_weights != "none":
         weight = torch.tensor(class_weights(data.train.dataset.labels, params.train.class_weights), dtype=torch.float32)
-    result = fit(runner, loaders, params.train, device, checkpoint_dir=checkpoint_dir,
-                 config=run_config(params, data.image_size), resume=resume, on_epoch_end=on_epoch_end,
-                 class_weight=weight, extra=extra)
+    result = fit(
+        runner,
+        loaders,
+        params.train,
+        device,
+        checkpoint_dir=checkpoint_dir,
+        config=run_config(params, data.image_size),
+        resume=resume,
+        on_epoch_end=on_epoch_end,
+        class_weight=weight,
+        extra=extra,
+    )
     return model, result
 
 
@@ -101,9 +131,15 @@ def write_reports(result: FitResult, reports: Path) -> None:
     """Per-epoch history (DVC plots) and the best epoch's validation metrics (DVC metrics)."""
     history = pd.DataFrame(result.history)
     write_text(reports / "train_history.csv", history[[c for c in HISTORY_COLUMNS if c in history]].to_csv(index=False))
-    write_json(reports / "train.json", {**{k: v for k, v in result.best_metrics.items() if k.startswith("val/")},
-                                        "best_epoch": result.best_epoch, "epochs_run": len(result.history),
-                                        "stopped_early": result.stopped_early})
+    write_json(
+        reports / "train.json",
+        {
+            **{k: v for k, v in result.best_metrics.items() if k.startswith("val/")},
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+        },
+    )
 
 
 def example_batch(data: TrainData, n: int = 2) -> np.ndarray:
@@ -127,8 +163,9 @@ def train(params: Params) -> dict[str, float]:
         run_id = active.info.run_id
         tracking.log_params(params)
         tracking.log_datasets({"train": data.train.frame, "val": data.val.frame}, paths.splits)
-        model, result = run_training(params, data, checkpoint_dir, resume, tracking.log_epoch,
-                                     extra={"mlflow_run_id": run_id})
+        model, result = run_training(
+            params, data, checkpoint_dir, resume, tracking.log_epoch, extra={"mlflow_run_id": run_id}
+        )
         best = load_checkpoint(checkpoint_dir / "best.pt")
         model.load_state_dict(best["model"])
         model_uri = tracking.log_model(Probabilities(model), example_batch(data)) if params.tracking.log_model else ""
@@ -137,8 +174,12 @@ def train(params: Params) -> dict[str, float]:
         tracking.log_metrics({f"best/{k}": v for k, v in result.best_metrics.items() if k.startswith("val/")})
         tracking.set_tags({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early})
         tracking.log_artifact(paths.reports / "train_history.csv")
-    log.info("best epoch %d: val/balanced_accuracy %.4f; model %s", result.best_epoch,
-             result.best_metrics["val/balanced_accuracy"], paths.models / "best.pt")
+    log.info(
+        "best epoch %d: val/balanced_accuracy %.4f; model %s",
+        result.best_epoch,
+        result.best_metrics["val/balanced_accuracy"],
+        paths.models / "best.pt",
+    )
     return result.best_metrics
 
 

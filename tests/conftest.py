@@ -24,23 +24,25 @@ def synthetic_raw(tmp_path_factory) -> Path:
     return out
 
 
+def make_tiny_params(root: Path) -> Params:
+    """Params for a test_vit at 32 px writing everything under root."""
+    base = Params()
+    return base.model_copy(
+        update={
+            "paths": base.paths.model_copy(
+                update={k: root / k for k in ("raw", "downloads", "splits", "cache", "models", "reports")}
+            ),
+            "data": base.data.model_copy(update={"source": "synthetic", "image_size": 32}),
+            "model": base.model.model_copy(update={"name": "test_vit", "pretrained": False}),
+            "train": base.train.model_copy(
+                update={"epochs": 2, "batch_size": 16, "warmup_epochs": 0.5, "num_workers": 0, "threads": 2}
+            ),
+            "tracking": base.tracking.model_copy(update={"uri": f"sqlite:///{root / 'mlflow.db'}"}),
+        }
+    )
+
+
 @pytest.fixture
 def tiny_params(tmp_path) -> Params:
     """Params for a test_vit at 32 px writing everything under tmp_path."""
-    return Params().model_copy(
-        update={
-            "paths": Params().paths.model_copy(
-                update={
-                    k: tmp_path / k for k in ("raw", "downloads", "splits", "cache", "models", "reports")
-                }
-            ),
-            "data": Params().data.model_copy(update={"source": "synthetic", "image_size": 32}),
-            "model": Params().model.model_copy(update={"name": "test_vit", "pretrained": False}),
-            "train": Params().train.model_copy(
-                update={"epochs": 2, "batch_size": 16, "warmup_epochs": 0.5, "num_workers": 0, "threads": 2}
-            ),
-            "tracking": Params().tracking.model_copy(
-                update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-            ),
-        }
-    )
+    return make_tiny_params(tmp_path)

@@ -1,0 +1,142 @@
+"""End to end: `dvc exp run` of all four stages on synthetic data in a clean copy of the repo, then a real
+`mlflow server` over the resulting store, queried through its REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from src.config import TrackingParams
+from src.tracking import TrackingError, connect
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("src", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore", ".dvc/config",
+                 ".dvc/.gitignore")
+OFFLINE = ["-S", "data.source=synthetic", "-S", "model.name=test_vit", "-S", "data.image_size=32",
+           "-S", "model.pretrained=false", "-S", "train.epochs=2"]
+pytestmark = pytest.mark.e2e
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A fresh clone-like copy of the project after `dvc exp run` with the README's offline overrides."""
+    work = tmp_path_factory.mktemp("clone")
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / name)
+    _run(["git", "init", "-q"], work)
+    _run(["git", "add", "-A"], work)
+    _run(["git", "commit", "-qm", "init"], work)
+    _run(["dvc", "exp", "run", *OFFLINE], work, timeout=900)
+    return work
+
+
+def test_all_stages_ran_and_wrote_metrics_and_plots(pipeline):
+    split = json.loads((pipeline / "reports/split.json").read_text())
+    assert split["lesion_overlap"] and not any(split["lesion_overlap"].values())
+    assert json.loads((pipeline / "reports/train.json").read_text())["epochs_run"] == 2
+    evaluation = json.loads((pipeline / "reports/evaluate.json").read_text())
+    assert 0 <= evaluation["test/balanced_accuracy"] <= 1
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], pipeline).stdout)
+    assert "test/balanced_accuracy" in json.dumps(shown)
+    for plot in ("train_history.csv", "confusion.csv", "roc.csv", "confusion_matrix.png", "roc_curves.png"):
+        assert (pipeline / "reports" / plot).stat().st_size > 0
+    status = _run(["dvc", "status"], pipeline).stdout
+    assert "up to date" in status, status
+
+
+def test_champion_predicts_like_evaluate(pipeline):
+    expected = pd.read_csv(pipeline / "reports/predictions.csv")
+    _run([sys.executable, "-m", "src.predict", "data/raw/images", "-o", "submission.csv"], pipeline)
+    got = pd.read_csv(pipeline / "submission.csv").set_index("image").loc[expected["image_id"]]
+    for ours, theirs in (("MEL", "mel"), ("NV", "nv"), ("BCC", "bcc"), ("VASC", "vasc")):
+        np.testing.assert_allclose(got[ours].to_numpy(), expected[theirs].to_numpy(), atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(pipeline):
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+           f"sqlite:///{pipeline / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=pipeline, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start within 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_server_shows_runs_metrics_and_registered_model(server):
+    api = f"{server}/api/2.0/mlflow"
+    exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "hmnist-vit"}, timeout=10)
+    exp_id = exp.json()["experiment"]["experiment_id"]
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp_id]}, timeout=10).json()["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"val/balanced_accuracy", "train/loss", "test/balanced_accuracy", "test/macro_roc_auc"} <= metrics
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["data.source"] == "synthetic" and tags["data.synthetic"] == "true"
+    assert len(tags["git.commit"]) == 40
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["model.name"] == "test_vit"
+    history = requests.get(f"{api}/metrics/get-history", params={"run_id": run["info"]["run_id"],
+                                                                  "metric_key": "val/balanced_accuracy"}, timeout=10)
+    assert [m["step"] for m in history.json()["metrics"]] == [1, 2]
+    alias = requests.get(f"{api}/registered-models/alias", params={"name": "hmnist-vit", "alias": "champion"},
+                         timeout=10).json()["model_version"]
+    assert alias["run_id"] == run["info"]["run_id"]
+    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"],
+                                                              "path": "evaluation"}, timeout=10).json()
+    assert any(f["path"].endswith("confusion_matrix.png") for f in artifacts.get("files", []))
+
+
+def test_unreachable_tracking_server_fails_fast():
+    start = time.time()
+    with pytest.raises(TrackingError, match="unreachable"):
+        connect(TrackingParams(uri=f"http://127.0.0.1:{_free_port()}"))
+    assert time.time() - start < 10

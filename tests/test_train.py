@@ -1,0 +1,178 @@
+"""Train, evaluate and predict on tiny synthetic data with a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from src.evaluate import evaluate, load_trained
+from src.predict import classify, load_from_checkpoint, load_from_mlflow, predict_files
+from src.rawdata import DataError
+from src.split import split
+from src.train import load_train_data, train
+from tests.conftest import make_tiny_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def prepared(tiny_params, synthetic_raw):
+    """tiny_params with the split stage run on the synthetic data."""
+    split(synthetic_raw, tiny_params.split, tiny_params.data, tiny_params.paths)
+    return tiny_params
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_raw, tmp_path_factory):
+    """One training run shared by the tests that only read its results."""
+    params = make_tiny_params(tmp_path_factory.mktemp("trained"))
+    split(synthetic_raw, params.split, params.data, params.paths)
+    return params, train(params)
+
+
+def test_train_writes_model_reports_and_mlflow_run(trained):
+    params, metrics = trained
+    assert 0 <= metrics["val/balanced_accuracy"] <= 1
+    ckpt = load_checkpoint(params.paths.models / "best.pt")
+    assert ckpt["config"]["model"]["name"] == "test_vit" and ckpt["model_uri"]
+    history = pd.read_csv(params.paths.reports / "train_history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert {"train/loss", "val/loss", "val/balanced_accuracy", "lr"} <= set(history.columns)
+    mlflow.set_tracking_uri(params.tracking.uri)
+    run = mlflow.get_run(ckpt["mlflow_run_id"])
+    assert run.data.params["train.lr"] == str(params.train.lr)
+    assert {"data.split_hash", "git.commit", "data.source"} <= set(run.data.tags)
+    steps = MlflowClient().get_metric_history(run.info.run_id, "val/balanced_accuracy")
+    assert [m.step for m in steps] == [1, 2]
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "val"}
+
+
+def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw):
+    params, _ = trained
+    metrics = evaluate(params)
+    assert {"test/balanced_accuracy", "test/macro_roc_auc", "test/melanoma_sensitivity"} <= set(metrics)
+    for name in ("evaluate.json", "confusion.csv", "roc.csv", "confusion_matrix.png", "roc_curves.png"):
+        assert (params.paths.reports / name).stat().st_size > 0
+    client = MlflowClient(params.tracking.uri)
+    champion = client.get_model_version_by_alias(params.tracking.registered_model, "champion")
+    assert str(champion.version) == "1"
+    assert float(champion.tags["test/balanced_accuracy"]) == pytest.approx(metrics["test/balanced_accuracy"], 1e-4)
+
+    # predict through the registry reproduces evaluate's probabilities for the same images
+    expected = pd.read_csv(params.paths.reports / "predictions.csv").head(6)
+    files = [synthetic_raw / "images" / f"{image_id}.jpg" for image_id in expected["image_id"]]
+    model, size = load_from_mlflow(f"models:/{params.tracking.registered_model}@champion", params.tracking.uri)
+    frame, failures = classify(model, files, size)
+    assert not failures
+    np.testing.assert_allclose(frame["MEL"], expected["mel"], atol=1e-5)
+    np.testing.assert_allclose(frame["NV"], expected["nv"], atol=1e-5)
+
+    evaluate(params)  # the same model again: not better, so it is challenger and the champion stays
+    name = params.tracking.registered_model
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def test_predict_reports_unreadable_files_and_goes_on(trained, synthetic_raw, tmp_path):
+    params, _ = trained
+    good = next((synthetic_raw / "images").glob("*.jpg"))
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    model, size = load_from_checkpoint(params.paths.models / "best.pt")
+    out = tmp_path / "sub.csv"
+    assert predict_files([good, bad], out, model, size) == 1
+    frame = pd.read_csv(out)
+    assert list(frame.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    assert list(frame["image"]) == [good.stem]
+    assert frame.iloc[0, 1:].sum() == pytest.approx(1, abs=1e-5)
+
+
+def test_missing_cache_is_a_clear_error(prepared):
+    (prepared.paths.cache / "images.npy").unlink()
+    with pytest.raises(DataError, match="run `python -m src.split`"):
+        load_train_data(prepared)
+
+
+def test_checkpoint_errors(trained, tmp_path):
+    params, _ = trained
+    best = params.paths.models / "best.pt"
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(best.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_trained(corrupt)
+    other = load_checkpoint(best)
+    other["config"]["model"]["name"] = "vit_tiny_patch16_224"
+    save_checkpoint(tmp_path / "other.pt", other)
+    with pytest.raises(CheckpointError, match="vit_tiny_patch16_224"):
+        load_trained(tmp_path / "other.pt")
+
+
+def _write_params(params, path):
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return path
+
+
+def _run_train(params_file, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.train", "--params", str(params_file)],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.mark.e2e
+def test_killed_training_resumes_and_matches_uninterrupted(prepared, tmp_path):
+    slow = prepared.model_copy(update={"train": prepared.train.model_copy(update={"epochs": 3})})
+    # an uninterrupted reference run with the same params, writing elsewhere
+    ref = slow.model_copy(
+        update={
+            "paths": slow.paths.model_copy(update={"models": tmp_path / "ref_models", "reports": tmp_path / "ref_rep"}),
+        }
+    )
+    (tmp_path / "ref_rep").mkdir()
+    (tmp_path / "ref_rep" / "split.json").write_text((slow.paths.reports / "split.json").read_text())
+    params_file = _write_params(slow, tmp_path / "params.yaml")
+    proc = _run_train(params_file, REPO)
+    last = slow.paths.models / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and load_checkpoint(last)["epoch"] >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(last)["epoch"]
+    assert 1 <= killed_at < 3
+    resumed = _run_train(params_file, REPO)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    assert f"resuming from epoch {killed_at}" in err.decode()
+    history = pd.read_csv(slow.paths.reports / "train_history.csv")
+    assert list(history["epoch"]) == [1, 2, 3]
+
+    reference = subprocess.run(
+        [sys.executable, "-m", "src.train", "--params", str(_write_params(ref, tmp_path / "ref.yaml"))],
+        cwd=REPO,
+        capture_output=True,
+    )
+    assert reference.returncode == 0, reference.stderr.decode()[-2000:]
+    expected = pd.read_csv(tmp_path / "ref_rep" / "train_history.csv")
+    cols = ["train/loss", "val/loss", "val/balanced_accuracy"]
+    np.testing.assert_allclose(history[cols].to_numpy(), expected[cols].to_numpy(), rtol=1e-5)
+    a = load_checkpoint(slow.paths.models / "best.pt")["model"]
+    b = load_checkpoint(tmp_path / "ref_models" / "best.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
