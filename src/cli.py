@@ -14,8 +14,15 @@ from src.errors import UserError
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
-    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a param for this run, e.g. -S train.lr=0.001 (repeatable)")
+    p.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param for this run, e.g. -S train.lr=0.001 (repeatable)",
+    )
     return p
 
 
@@ -26,8 +33,7 @@ def load(args: argparse.Namespace) -> Params:
 
 def run_main(body: Callable[[], int | None]) -> int:
     """Run an entry point's body with logging set up; a UserError prints `error: ...` and exits 1."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return body() or 0
     except UserError as err:
@@ -36,4 +42,3 @@ def run_main(body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-

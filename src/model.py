@@ -65,7 +65,9 @@ def build_model(params: ModelParams, image_size: int) -> Classifier:
         raise ModelError(f"model.weights: file {params.weights} not found")
     pretrained = params.pretrained or params.weights is not None
     if params.pretrained and params.weights is None:
-        log.info("fetching pretrained weights for %s from the Hugging Face hub (offline? set model.weights)", params.name)
+        log.info(
+            "fetching pretrained weights for %s from the Hugging Face hub (offline? set model.weights)", params.name
+        )
     try:
         backbone = _create(params, image_size, pretrained)
     except (OSError, RuntimeError, ValueError) as err:

@@ -26,10 +26,24 @@ def confusion_png(matrix: np.ndarray, path: Path, title: str) -> None:
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for (i, j), n in np.ndenumerate(matrix):
-        ax.text(j, i, f"{n}\n{rates[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                color="white" if rates[i, j] > 0.5 else "black")
-    ax.set(xticks=range(len(CLASSES)), yticks=range(len(CLASSES)), xticklabels=CLASSES, yticklabels=CLASSES,
-           xlabel="predicted", ylabel="actual", title=title)
+        ax.text(
+            j,
+            i,
+            f"{n}\n{rates[i, j]:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if rates[i, j] > 0.5 else "black",
+        )
+    ax.set(
+        xticks=range(len(CLASSES)),
+        yticks=range(len(CLASSES)),
+        xticklabels=CLASSES,
+        yticklabels=CLASSES,
+        xlabel="predicted",
+        ylabel="actual",
+        title=title,
+    )
     _save(fig, path)
 
 

@@ -1,8 +1,8 @@
 """The normalised raw layout every source is turned into, and its checks.
 
-    data/raw/metadata.csv       lesion_id,image_id,dx,dx_type,age,sex,localization
-    data/raw/images/<image_id>.jpg
-    data/raw/isic2018_test/     the same layout for the ISIC 2018 Task 3 test set (optional)
+data/raw/metadata.csv       lesion_id,image_id,dx,dx_type,age,sex,localization
+data/raw/images/<image_id>.jpg
+data/raw/isic2018_test/     the same layout for the ISIC 2018 Task 3 test set (optional)
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ def test_unfetchable_pretrained_weights_name_both_options(monkeypatch, tmp_path)
 
 
 def test_local_weights_file_is_loaded(tmp_path):
-    from safetensors.torch import save_file
     import timm
+    from safetensors.torch import save_file
 
     source = timm.create_model("test_vit", pretrained=False, num_classes=7, img_size=32)
     path = tmp_path / "weights.safetensors"
