@@ -1,0 +1,344 @@
+"""Tuning: real Optuna SQLite studies and a real MLflow SQLite store, a tiny test_vit at 32 px."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from contextlib import closing
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from src import tune
+from src.config import ConfigError, Params, TuneParams, flatten, load_params
+from src.engine import TrainingDiverged
+from src.search_space import SPACE, check_space, suggest, trial_params
+from src.split import split
+
+REPO = Path(__file__).resolve().parents[1]
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+# ---- fixtures and helpers ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def split_data(synthetic_raw, tmp_path_factory) -> Params:
+    """The split stage's outputs for the shared synthetic dataset, at 32 px (made once per session)."""
+    root = tmp_path_factory.mktemp("tune_split")
+    base = Params()
+    paths = base.paths.model_copy(update={k: root / k for k in ("splits", "cache", "reports")})
+    data = base.data.model_copy(update={"source": "synthetic", "image_size": 32})
+    split(synthetic_raw, base.split, data, paths)
+    return base.model_copy(update={"paths": paths, "data": data})
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One MLflow store for the whole file: creating its tables costs seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('tune_mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tune_params(tiny_params, split_data, mlflow_uri, tmp_path, monkeypatch) -> Params:
+    """tiny_params on the shared split, one CPU thread, and a 3-epoch search whose lr reaches 0.9.
+
+    Learning rates near 1 never learn while small ones do, so the median pruner has something to prune.
+    """
+    monkeypatch.chdir(tmp_path)  # MLflow artifacts and relative paths stay in tmp_path
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    paths = tiny_params.paths.model_copy(
+        update={k: getattr(split_data.paths, k) for k in ("splits", "cache", "reports")}
+    )
+    space = TuneParams(
+        lr=(1e-4, 0.9),
+        epochs=3,
+        train_fraction=1.0,
+        warmup_epochs_before_pruning=1,
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        study_name="test-study",
+        best_params_path=tmp_path / "tune" / "best_params.yaml",
+    )
+    return tiny_params.model_copy(
+        update={
+            "paths": paths,
+            "train": tiny_params.train.model_copy(update={"threads": 1}),  # 2 threads thrash on busy cores
+            "tracking": tiny_params.tracking.model_copy(update={"uri": mlflow_uri}),
+            "tune": space,
+        }
+    )
+
+
+def _quick(params: Params) -> Params:
+    """Two epochs, no pruning: for tests about the study's bookkeeping rather than its search."""
+    return params.model_copy(update={"tune": params.tune.model_copy(update={"epochs": 2, "pruner": "none"})})
+
+
+def _overrides(params: Params, params_file: Path) -> list[str]:
+    """`-S key=value` arguments that turn the params file into `params`."""
+    current = flatten(load_params(params_file))
+    return [
+        arg
+        for key, value in flatten(params).items()
+        if current.get(key) != value
+        for arg in ("-S", f"{key}={json.dumps(value)}")
+    ]
+
+
+def _write_params(params: Params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def _snapshot(storage: str) -> list[dict]:
+    """Each trial's state and user attrs, read with sqlite3 so that polling creates nothing."""
+    try:
+        with closing(sqlite3.connect(storage.removeprefix("sqlite:///"), timeout=30)) as db:
+            trials = {tid: {"state": state} for tid, state in db.execute("SELECT trial_id, state FROM trials")}
+            for tid, key, value in db.execute("SELECT trial_id, key, value_json FROM trial_user_attributes"):
+                trials[tid][key] = json.loads(value)
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    return list(trials.values())
+
+
+def _start_worker(params_file: Path, cwd: Path, trials: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "src.tune", "--params", str(params_file), "--trials", str(trials)]
+    log = cwd / f"worker-{time.monotonic_ns()}.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    worker.log = log  # type: ignore[attr-defined]
+    return worker
+
+
+def _wait_until(condition, workers: list[subprocess.Popen], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if any(w.poll() is not None for w in workers) or time.monotonic() > deadline:
+            logs = "\n".join(w.log.read_text() for w in workers)
+            raise AssertionError(f"a worker exited or the wait timed out:\n{logs}")
+        time.sleep(0.3)
+
+
+def _study(params: Params) -> optuna.Study:
+    return optuna.load_study(study_name=params.tune.study_name, storage=params.tune.storage)
+
+
+def _trial_runs(params: Params, study: optuna.Study):
+    mlflow.set_tracking_uri(params.tracking.uri)
+    parent = study.user_attrs[tune.PARENT_RUN_ATTR]
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+# ---- pure functions ---------------------------------------------------------------------------------
+
+
+def test_suggest_and_trial_params_apply_values_and_budget(tune_params):
+    trial = optuna.create_study().ask()
+    values = suggest(trial, tune_params.tune)
+    assert set(values) == set(SPACE) and values == trial.params
+    for name, value in values.items():
+        low, high = getattr(tune_params.tune, name)
+        assert low <= value <= high
+    params = trial_params(tune_params, values, tune_params.tune)
+    assert (params.train.lr, params.train.weight_decay, params.train.clip_grad_norm, params.model.dropout) == (
+        values["lr"],
+        values["weight_decay"],
+        values["clip_grad_norm"],
+        values["dropout"],
+    )
+    assert (params.train.epochs, params.train.train_fraction, params.train.early_stopping_patience) == (3, 1.0, None)
+    assert params.train.batch_size == tune_params.train.batch_size and tune_params.train.epochs == 2  # base kept
+
+
+def test_search_space_outside_train_limits_is_a_config_error(tune_params):
+    bad = tune_params.model_copy(update={"tune": tune_params.tune.model_copy(update={"lr": (1e-4, 1.5)})})
+    with pytest.raises(ConfigError, match="train.lr"):
+        check_space(bad)
+
+
+def test_dead_workers_trials_fail_and_live_ones_keep_running():
+    study = optuna.create_study()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    owners = {"dead": gone.pid, "alive": os.getppid(), "same pid as this process": os.getpid()}
+    trials = {}
+    for name, pid in owners.items():
+        trials[name] = study.ask()
+        trials[name].set_user_attr(tune.HOST_ATTR, tune.HOST)
+        trials[name].set_user_attr(tune.PID_ATTR, pid)
+    elsewhere = study.ask()
+    elsewhere.set_user_attr(tune.HOST_ATTR, "another-host")
+    elsewhere.set_user_attr(tune.PID_ATTR, gone.pid)
+    failed = {t.number for t in tune.fail_dead_trials(study)}
+    assert failed == {trials["dead"].number, trials["same pid as this process"].number}
+    states = {t.number: t.state for t in study.trials}
+    assert states[trials["alive"].number] == states[elsewhere.number] == TrialState.RUNNING
+
+
+def test_workers_reuse_the_recorded_parent_run_and_do_not_wait_for_a_long_dead_creator():
+    study = optuna.create_study()
+    study.set_user_attr(tune.CREATED_ATTR, time.time() - 3600)  # its creator died before recording a run
+    start = time.monotonic()
+    assert tune.recorded_parent_run(study, created=False) is None and time.monotonic() - start < 1
+    study.set_user_attr(tune.PARENT_RUN_ATTR, "run-id")
+    assert tune.recorded_parent_run(study, created=False) == "run-id"
+    assert tune.recorded_parent_run(study, created=True) is None
+
+
+def test_apply_keeps_comments_and_changes_only_tuned_keys(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_file)
+    before = params_file.read_text().splitlines()
+    best = {"train": {"lr": 1.2345e-05, "weight_decay": 0.0123, "clip_grad_norm": 2.5}, "model": {"dropout": 0.25}}
+    tune.apply_to_params_file(params_file, best)
+    after = params_file.read_text().splitlines()
+    assert len(after) == len(before)
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert sorted(b.split(":")[0].strip() for _, b in changed) == ["clip_grad_norm", "dropout", "lr", "weight_decay"]
+    assert all(("#" in a) == ("#" in b) for a, b in changed)  # an inline comment stays on its line
+    applied = load_params(params_file)
+    assert (applied.train.lr, applied.train.weight_decay, applied.train.clip_grad_norm, applied.model.dropout) == (
+        1.2345e-05,
+        0.0123,
+        2.5,
+        0.25,
+    )
+
+
+# ---- studies ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_study_prunes_tracks_trials_and_applies_best(tune_params, tmp_path, capsys):
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_file)
+    argv = ["--params", str(params_file), "--trials", "8", "--apply", *_overrides(tune_params, params_file)]
+    assert tune.main(argv) == 0
+
+    study = _study(tune_params)
+    states = Counter(t.state.name for t in study.trials)
+    assert len(study.trials) == 8 and states["PRUNED"] >= 1 and states["COMPLETE"] >= 5, states
+    best = study.best_trial
+
+    runs = _trial_runs(tune_params, study)
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(f"trial-{t.number}" for t in study.trials)
+    by_name = runs.set_index("tags.mlflow.runName")
+    client = MlflowClient()
+    for trial in study.trials:
+        run = by_name.loc[f"trial-{trial.number}"]
+        assert run["tags.trial.state"] == trial.state.name
+        assert run["params.train.lr"] == str(trial.params["lr"])
+        history = client.get_metric_history(run["run_id"], "val/balanced_accuracy")
+        assert [m.step for m in history] == sorted(trial.intermediate_values)
+    parent = client.get_run(study.user_attrs[tune.PARENT_RUN_ATTR])
+    assert parent.data.tags["optuna.study"] == "test-study" and parent.data.tags["best.trial"] == str(best.number)
+    assert parent.data.metrics["best/value"] == pytest.approx(best.value)
+    plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {f"plots/{n}.png" for n in ("optimization_history", "param_importances", "parallel_coordinate")}
+
+    written = yaml.safe_load(tune_params.tune.best_params_path.read_text())
+    assert (written["study"], written["trial"], written["value"]) == ("test-study", best.number, best.value)
+    assert written["train"]["lr"] == best.params["lr"] and written["model"]["dropout"] == best.params["dropout"]
+    applied = load_params(params_file)
+    assert (applied.train.lr, applied.train.clip_grad_norm, applied.model.dropout) == (
+        best.params["lr"],
+        best.params["clip_grad_norm"],
+        best.params["dropout"],
+    )
+    assert "# Every section is validated" in params_file.read_text()  # comments kept
+    assert "dvc repro" in capsys.readouterr().out
+
+
+@pytest.mark.e2e
+def test_workers_share_a_study_and_a_killed_study_resumes(tune_params, tmp_path):
+    """Two workers start at once on one study; both are killed (-9) mid-trial; rerunning the command resumes."""
+    params = _quick(tune_params)
+    params_file = _write_params(params, tmp_path / "params.yaml")
+    storage, trials = params.tune.storage, 9
+    workers = [_start_worker(params_file, tmp_path, trials) for _ in range(2)]
+    pids = {w.pid for w in workers}
+
+    def both_in_a_trial_after_finishing_one() -> bool:
+        snapshot = _snapshot(storage)
+        finished = {t.get(tune.PID_ATTR) for t in snapshot if t["state"] in FINISHED}
+        running = {t.get(tune.PID_ATTR) for t in snapshot if t["state"] == "RUNNING" and tune.RUN_ATTR in t}
+        return pids <= finished and pids <= running
+
+    try:
+        _wait_until(both_in_a_trial_after_finishing_one, workers)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+    first = _study(params)
+    completed = {t.number: t.value for t in first.trials if t.state == TrialState.COMPLETE}
+    killed = [t for t in first.trials if t.state == TrialState.RUNNING]
+    assert {t.user_attrs[tune.PID_ATTR] for t in first.trials if t.state.is_finished()} == pids  # both added trials
+    assert completed and killed and len(first.trials) < trials
+
+    assert tune.main(["--params", str(params_file), "--trials", str(trials)]) == 0  # the same command again
+
+    study = _study(params)
+    states = {t.number: t.state for t in study.trials}
+    assert sum(s.is_finished() for s in states.values()) == trials and TrialState.RUNNING not in states.values()
+    assert all(states[t.number] == TrialState.FAIL for t in killed)
+    assert {t.number: t.value for t in study.trials if t.number in completed} == completed
+    runs = _trial_runs(params, study).set_index("run_id")  # every worker nested its trials under one parent
+    assert set(runs.index) == {t.user_attrs[tune.RUN_ATTR] for t in study.trials if tune.RUN_ATTR in t.user_attrs}
+    for trial in killed:
+        if tune.RUN_ATTR in trial.user_attrs:
+            run = runs.loc[trial.user_attrs[tune.RUN_ATTR]]
+            assert (run["tags.trial.state"], run["status"]) == ("FAIL", "KILLED")
+
+
+@pytest.mark.e2e
+def test_diverged_or_out_of_memory_trials_fail_and_the_study_goes_on(tune_params, monkeypatch):
+    failures = [TrainingDiverged("training loss is nan"), RuntimeError("CUDA out of memory. Tried to allocate")]
+    real = tune.run_training
+
+    def failing_first(*args, **kwargs):  # our training code, not Optuna or MLflow, is what fails here
+        if failures:
+            raise failures.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "run_training", failing_first)
+    params = tune_params.model_copy(update={"tune": tune_params.tune.model_copy(update={"epochs": 1})})
+    study = tune.tune(params, 3, None, "failing", params.tune.storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    runs = _trial_runs(params, study).set_index("tags.mlflow.runName")
+    assert [runs.loc[f"trial-{n}", "tags.trial.state"] for n in range(3)] == ["FAIL", "FAIL", "COMPLETE"]
+
+
+@pytest.mark.parametrize(
+    ("params_yaml", "argv", "expected"),
+    [
+        ("tune:\n  lrr: [0.001, 0.01]\n", [], "tune.lrr: unknown key"),
+        ("tune:\n  lr: [0.01, 0.001]\n", [], "tune.lr: lower bound 0.01 must be below upper bound 0.001"),
+        ("", ["--storage", "sqlite:////nonexistent/dir/x.db"], "Optuna storage sqlite:////nonexistent/dir/x.db"),
+        ("", ["--storage", "postgresql://u:secret@127.0.0.1:1/db"], "Optuna storage postgresql://u:***@127.0.0.1:1/db"),
+        ("", ["--storage", "not-a-url"], "Optuna storage not-a-url"),
+    ],
+)
+def test_bad_input_is_a_clear_error(params_yaml, argv, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(params_yaml)
+    start = time.monotonic()
+    assert tune.main(["--params", str(params_file), "--trials", "1", *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and "secret" not in err
+    assert time.monotonic() - start < 10
