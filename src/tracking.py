@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,9 @@ from src.errors import UserError
 from src.fileio import read_json
 
 log = logging.getLogger(__name__)
+# MLflow's advice for tabular data; our inputs are uint8 image tensors and local index files.
+warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
 CHAMPION, CHALLENGER = "champion", "challenger"
 # Read once: mlflow.set_tracking_uri() writes this variable too, so a later read would see our own last URI.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
