@@ -52,23 +52,56 @@ class CachedImages(Dataset):
         return img, int(self.labels[i])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        """`[self[i] for i in indices]`, with a trailing ColorJitter run once on the batch (the loader calls this).
+        """`[self[i] for i in indices]`, with the transform's trailing flips, rotations and colour jitter run once
+        on the whole batch (the loader calls this).
 
-        Per-sample colour jitter costs more than the ViT step it feeds at small sizes on a CPU; the batched form
-        draws the same random parameters in the same order, so the augmentation and the RNG stream are unchanged.
+        Per-sample ops on small images cost more than the ViT step they feed on a CPU. Each image still draws the
+        same random parameters in the same order as the per-sample transform, so the augmentation and the RNG
+        stream are unchanged; only the pixel work is batched.
         """
         steps = list(getattr(self.transform, "transforms", ()))
-        if not steps or not isinstance(steps[-1], v2.ColorJitter):
+        first = len(steps)  # steps[first:] can run batched
+        while first > 0 and isinstance(steps[first - 1], _BATCHABLE):
+            first -= 1
+        if first == len(steps):
             return [self[i] for i in indices]
-        jitter, images, params = steps[-1], [], []
+        images, draws = [], []
         for i in indices:
             img = torch.from_numpy(np.array(self.images[self.rows[i]])).permute(2, 0, 1)
-            for step in steps[:-1]:
+            for step in steps[:first]:
                 img = step(img)
             images.append(img)
-            params.append(jitter.make_params([img]))  # the draws jitter(img) would make, at the same point
-        batch = color_jitter_batch(torch.stack(images), params).permute(0, 2, 3, 1).contiguous()
+            draws.append([_draw(step) for step in steps[first:]])
+        batch = torch.stack(images)
+        for k, step in enumerate(steps[first:]):
+            batch = _apply_batched(step, batch, [d[k] for d in draws])
+        batch = batch.permute(0, 2, 3, 1).contiguous()
         return [(img, int(self.labels[i])) for img, i in zip(batch.unbind(0), indices, strict=True)]
+
+
+def _draw(step: torch.nn.Module):
+    """The random draws `step(img)` makes, in the same order (torchvision's random-apply check comes first)."""
+    if isinstance(step, v2.ColorJitter):
+        return step.make_params([])  # its parameters do not depend on the image
+    if isinstance(step, RandomRot90):
+        return int(torch.randint(4, ()))
+    return bool(torch.rand(1) < step.p)  # v2.RandomHorizontalFlip / RandomVerticalFlip
+
+
+def _apply_batched(step: torch.nn.Module, batch: torch.Tensor, draws: list) -> torch.Tensor:
+    """`step` on a uint8 (B, C, H, W) batch, image b with `draws[b]` from `_draw`."""
+    if isinstance(step, v2.ColorJitter):
+        return color_jitter_batch(batch, draws)
+    if isinstance(step, RandomRot90):
+        for k in (1, 2, 3):
+            chosen = [b for b, d in enumerate(draws) if d == k]
+            if chosen:
+                batch[chosen] = torch.rot90(batch[chosen], k, dims=(-2, -1))
+        return batch
+    chosen = [b for b, d in enumerate(draws) if d]
+    if chosen:
+        batch[chosen] = batch[chosen].flip(-1 if isinstance(step, v2.RandomHorizontalFlip) else -2)
+    return batch
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -109,9 +142,10 @@ def color_jitter_batch(images: torch.Tensor, params: list[dict]) -> torch.Tensor
     transform up to float rounding (a pixel level, rarely).
     """
     x = images.float()
+    orders = [p["fn_idx"].tolist() for p in params]
     at = list(range(len(params)))  # x[i] holds image at[i]
     for position in range(4):
-        ops = [int(params[b]["fn_idx"][position]) for b in at]
+        ops = [orders[b][position] for b in at]
         regroup = sorted(range(len(at)), key=ops.__getitem__)
         if regroup != list(range(len(at))):
             x, at, ops = x[regroup], [at[i] for i in regroup], [ops[i] for i in regroup]
@@ -140,6 +174,9 @@ class RandomRot90(torch.nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return torch.rot90(img, int(torch.randint(4, ())), dims=(-2, -1))
+
+
+_BATCHABLE = (v2.RandomHorizontalFlip, v2.RandomVerticalFlip, RandomRot90, v2.ColorJitter)
 
 
 def train_transform(aug: AugmentParams, size: int) -> v2.Compose:
