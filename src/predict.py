@@ -83,11 +83,12 @@ def classify(
     """Probabilities per readable file as an ISIC submission frame, and one message per unreadable file."""
     from src.config import CLASSES
 
+    device = next(model.parameters(), torch.empty(0)).device
     rows, failures = [], []
     for ok, images, errors in batches(files, size, batch_size):
         failures += errors
         if ok:
-            probs = model(torch.from_numpy(images)).float().numpy()
+            probs = model(torch.from_numpy(images).to(device)).float().cpu().numpy()
             rows += [(p.stem, *(probs[i, CLASSES.index(c)] for c in ISIC_COLUMNS.values())) for i, p in enumerate(ok)]
     return pd.DataFrame(rows, columns=["image", *ISIC_COLUMNS]), failures
 
