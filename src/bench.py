@@ -35,14 +35,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from src import cli
 from src.config import CLASSES, AugmentParams, Params, TrainParams
-from src.data import CachedImages, SplitData, default_workers, make_loader, make_sampler, train_loader, train_transform
-from src.engine import Schedule, autocast, make_optimizer, seed_everything, train_one_epoch
 from src.errors import UserError
 from src.fileio import write_json
-from src.imaging import ImageReadError, load_image
-from src.model import Classifier, Probabilities, build_model
+from src.ingest.synthetic import make_dataset
+from src.learn.data import (
+    CachedImages,
+    SplitData,
+    default_workers,
+    make_loader,
+    make_sampler,
+    train_loader,
+    train_transform,
+)
+from src.learn.engine import Schedule, autocast, make_optimizer, seed_everything, train_one_epoch
+from src.learn.model import Classifier, Probabilities, build_model
 from src.predict import IMAGE_SUFFIXES, classify
-from src.synthetic import make_dataset
+from src.prepare.imaging import ImageReadError, load_image
 from src.train import configure_threads
 
 log = logging.getLogger(__name__)

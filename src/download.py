@@ -21,9 +21,9 @@ import pandas as pd
 from src import cli
 from src.config import CLASSES, DataParams, PathsParams
 from src.fileio import read_json, write_json
-from src.rawdata import FULL_SIZE, ISIC_TEST, DataError, verify_raw
-from src.sources import Fetched, build_layout, fetch_source
-from src.synthetic import make_dataset
+from src.ingest.rawdata import FULL_SIZE, ISIC_TEST, DataError, verify_raw
+from src.ingest.sources import Fetched, build_layout, fetch_source
+from src.ingest.synthetic import make_dataset
 
 log = logging.getLogger(__name__)
 

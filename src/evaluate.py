@@ -10,15 +10,15 @@ import pandas as pd
 import torch
 
 from src import cli
-from src.checkpoint import load_checkpoint, load_weights
 from src.config import CLASSES, ModelParams, Params
-from src.data import load_split, make_loader
-from src.engine import predict, select_device
 from src.fileio import write_json, write_text
-from src.metrics import confusion, full_metrics, roc_curves
-from src.model import Classifier, build_model
-from src.plots import confusion_png, roc_png
-from src.rawdata import DataError
+from src.ingest.rawdata import DataError
+from src.learn.checkpoint import load_checkpoint, load_weights
+from src.learn.data import load_split, make_loader
+from src.learn.engine import predict, select_device
+from src.learn.metrics import confusion, full_metrics, roc_curves
+from src.learn.model import Classifier, build_model
+from src.tracking.plots import confusion_png, roc_png
 
 log = logging.getLogger(__name__)
 ISIC_TEST = "isic2018_test"
@@ -83,7 +83,7 @@ def evaluate_split(model: Classifier, params: Params, name: str, image_size: int
 
 def evaluate(params: Params) -> dict[str, float]:
     """The evaluate stage: score the best model, write reports, log to its MLflow run, register it."""
-    from src import tracking  # the entry point, not the core, talks to MLflow
+    from src.tracking import runs as tracking  # the entry point, not the core, talks to MLflow
 
     device = select_device(params.train.device)
     model, ckpt = load_trained(params.paths.models / "best.pt")

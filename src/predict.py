@@ -14,7 +14,7 @@ import torch
 from src import cli
 from src.errors import UserError
 from src.fileio import write_text
-from src.imaging import ImageReadError, load_image
+from src.prepare.imaging import ImageReadError, load_image
 
 log = logging.getLogger(__name__)
 # ISIC 2018 Task 3 submission columns, mapped to our (alphabetical) class order.
@@ -38,7 +38,7 @@ def find_images(inputs: list[Path]) -> list[Path]:
 def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
     """A Probabilities model rebuilt from a train checkpoint, and its input size."""
     from src.evaluate import load_trained
-    from src.model import Probabilities
+    from src.learn.model import Probabilities
 
     model, ckpt = load_trained(path)
     return Probabilities(model).eval(), int(ckpt["config"]["data"]["image_size"])
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint:
             model, size = load_from_checkpoint(args.checkpoint)
         else:
-            from src.tracking import tracking_uri
+            from src.tracking.runs import tracking_uri
 
             uri = args.model or f"models:/{params.tracking.registered_model}@champion"
             model, size = load_from_mlflow(uri, tracking_uri(params.tracking))

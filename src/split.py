@@ -29,7 +29,9 @@ from tqdm import tqdm
 
 from src import cli
 from src.config import CLASSES, DataParams, PathsParams, SplitParams
-from src.dedup import (
+from src.fileio import atomic_path, write_json
+from src.ingest.rawdata import IMAGES, ISIC_TEST, METADATA, DataError, image_path, read_metadata
+from src.prepare.dedup import (
     MIN_CORRELATION,
     Pairs,
     components,
@@ -38,9 +40,7 @@ from src.dedup import (
     match_reference,
     nearest_histogram,
 )
-from src.fileio import atomic_path, write_json
-from src.imaging import ImageReadError, fit_square
-from src.rawdata import IMAGES, ISIC_TEST, METADATA, DataError, image_path, read_metadata
+from src.prepare.imaging import ImageReadError, fit_square
 
 log = logging.getLogger(__name__)
 

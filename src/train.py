@@ -13,12 +13,20 @@ import pandas as pd
 import torch
 
 from src import cli
-from src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from src.config import Params
-from src.data import SplitData, class_weights, load_split, make_loader, subsample_lesions, train_loader, train_transform
-from src.engine import EpochCallback, FitResult, fit, seed_everything, select_device
 from src.fileio import read_json, write_json, write_text
-from src.model import Classifier, Probabilities, build_model
+from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from src.learn.data import (
+    SplitData,
+    class_weights,
+    load_split,
+    make_loader,
+    subsample_lesions,
+    train_loader,
+    train_transform,
+)
+from src.learn.engine import EpochCallback, FitResult, fit, seed_everything, select_device
+from src.learn.model import Classifier, Probabilities, build_model
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = (
@@ -149,7 +157,7 @@ def example_batch(data: TrainData, n: int = 2) -> np.ndarray:
 
 def train(params: Params) -> dict[str, float]:
     """The train stage: fit (resuming if possible), write the best model and reports, log to MLflow."""
-    from src import tracking  # the entry point, not the core, talks to MLflow
+    from src.tracking import runs as tracking  # the entry point, not the core, talks to MLflow
 
     paths = params.paths
     data = load_train_data(params)

@@ -27,13 +27,14 @@ from optuna.trial import FrozenTrial, TrialState
 from ruamel.yaml import YAML
 from ruamel.yaml.representer import RoundTripRepresenter
 
-from src import cli, tracking
+from src import cli
 from src.config import Params, TuneParams, parse_params
-from src.engine import TrainingDiverged
 from src.errors import UserError
 from src.fileio import write_text
-from src.search_space import by_section, check_space, suggest, trial_params
+from src.learn.engine import TrainingDiverged
+from src.tracking import runs as tracking
 from src.train import TrainData, load_train_data, run_training
+from src.tuning.search_space import by_section, check_space, suggest, trial_params
 
 log = logging.getLogger(__name__)
 METRIC = "val/balanced_accuracy"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from src.config import Params
-from src.synthetic import make_dataset
+from src.ingest.synthetic import make_dataset
 
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

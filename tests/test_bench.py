@@ -12,7 +12,7 @@ from PIL import Image
 
 from src import bench
 from src.config import AugmentParams
-from src.data import CachedImages, train_transform
+from src.learn.data import CachedImages, train_transform
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = (

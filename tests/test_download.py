@@ -21,12 +21,12 @@ from urllib.parse import unquote
 import pandas as pd
 import pytest
 
-from src.archive import ArchiveError
 from src.config import DataParams, PathsParams
 from src.download import SOURCE_FILE, download, main
-from src.http import DownloadError
-from src.rawdata import COLUMNS, ISIC_TEST, DataError
-from src.synthetic import make_dataset
+from src.ingest.archive import ArchiveError
+from src.ingest.http import DownloadError
+from src.ingest.rawdata import COLUMNS, ISIC_TEST, DataError
+from src.ingest.synthetic import make_dataset
 
 KAGGLE_PATH = "/api/v1/datasets/download/kmader/skin-cancer-mnist-ham10000"
 DOI = "doi:10.7910/DVN/DBW86T"

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from src.config import TrackingParams
-from src.tracking import TrackingError, connect
+from src.tracking.runs import TrackingError, connect
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("src", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore", ".dvc/config",

@@ -14,8 +14,9 @@ import yaml
 
 from src import split as split_module
 from src.config import CLASSES, DataParams, PathsParams, SplitParams
-from src.imaging import load_image
-from src.rawdata import DataError
+from src.ingest.rawdata import DataError
+from src.ingest.synthetic import make_dataset
+from src.prepare.imaging import load_image
 from src.split import (
     SPLITS,
     assign_splits,
@@ -26,7 +27,6 @@ from src.split import (
     read_split,
     split,
 )
-from src.synthetic import make_dataset
 
 SIZE = 32
 DATA = DataParams(source="synthetic", image_size=SIZE)

@@ -16,10 +16,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from src.evaluate import evaluate, load_trained
+from src.ingest.rawdata import DataError
+from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from src.predict import classify, load_from_checkpoint, load_from_mlflow, predict_files
-from src.rawdata import DataError
 from src.split import split
 from src.train import load_train_data, train
 from tests.conftest import make_tiny_params

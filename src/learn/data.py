@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from src.config import CLASSES, AugmentParams, PathsParams, TrainParams
-from src.rawdata import DataError
+from src.ingest.rawdata import DataError
 from src.split import cache_path, read_split
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.dedup import (
+from src.ingest.synthetic import lesion_image
+from src.prepare.dedup import (
     HASH_BITS,
     candidate_pairs,
     components,
@@ -20,7 +21,6 @@ from src.dedup import (
     nearest_histogram,
     phash64,
 )
-from src.synthetic import lesion_image
 
 
 def _photo(arr: np.ndarray, path: Path, quality: int = 92) -> Image.Image:

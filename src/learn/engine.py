@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from src.checkpoint import save_checkpoint
 from src.config import TrainParams
 from src.errors import UserError
-from src.metrics import summary_metrics
+from src.learn.checkpoint import save_checkpoint
+from src.learn.metrics import summary_metrics
 
 log = logging.getLogger(__name__)
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "register_tokens")

@@ -9,7 +9,7 @@ import pandas as pd
 from PIL import Image
 
 from src.config import CLASSES
-from src.rawdata import COLUMNS, IMAGES, METADATA
+from src.ingest.rawdata import COLUMNS, IMAGES, METADATA
 
 # Imbalanced like HAM10000 (nv dominates) but with enough lesions per class to split three ways.
 CLASS_SHARE = np.array([0.08, 0.09, 0.12, 0.07, 0.14, 0.42, 0.08])

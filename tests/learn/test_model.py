@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from src.config import ModelParams
-from src.model import ModelError, Probabilities, build_model
+from src.learn.model import ModelError, Probabilities, build_model
 
 TINY = ModelParams(name="test_vit", pretrained=False, dropout=0.3, drop_path=0.2)
 

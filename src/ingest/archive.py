@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from src.rawdata import DataError
+from src.ingest.rawdata import DataError
 
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")

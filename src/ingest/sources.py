@@ -29,10 +29,10 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 from tqdm import tqdm
 
-from src.archive import Archive, is_archive, open_archive
 from src.config import DataParams
-from src.http import AuthRequired, DownloadError, fetch, file_md5, get_json
-from src.rawdata import ISIC_TEST, METADATA, DataError, image_path, image_problem, validate_metadata
+from src.ingest.archive import Archive, is_archive, open_archive
+from src.ingest.http import AuthRequired, DownloadError, fetch, file_md5, get_json
+from src.ingest.rawdata import ISIC_TEST, METADATA, DataError, image_path, image_problem, validate_metadata
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from src.config import ModelParams, TrainParams
-from src.engine import clip_gradients, lr_at, make_optimizer, param_groups
-from src.metrics import full_metrics, summary_metrics
-from src.model import build_model
+from src.learn.engine import clip_gradients, lr_at, make_optimizer, param_groups
+from src.learn.metrics import full_metrics, summary_metrics
+from src.learn.model import build_model
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,1 @@
+"""The learning core (pure torch/numpy): dataset and transforms, model, training loop, checkpoints, metrics."""

@@ -1,0 +1,1 @@
+"""Preparing the raw images: copies, splitting, decoding and the image cache."""

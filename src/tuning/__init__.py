@@ -1,0 +1,1 @@
+"""Hyperparameter search with Optuna: search space, study storage and workers, one trial."""
