@@ -48,10 +48,10 @@ from src.learn.data import (
     train_transform,
 )
 from src.learn.engine import Schedule, autocast, make_optimizer, seed_everything, train_one_epoch
+from src.learn.inference import IMAGE_SUFFIXES, classify
 from src.learn.model import Classifier, Probabilities, build_model
-from src.predict import IMAGE_SUFFIXES, classify
+from src.learn.training import configure_threads
 from src.prepare.imaging import ImageReadError, load_image
-from src.train import configure_threads
 
 log = logging.getLogger(__name__)
 DEFAULT_OUTPUT = Path("bench/bench.json")

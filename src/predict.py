@@ -2,105 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-
 from src import cli
-from src.errors import UserError
-from src.fileio import write_text
-from src.prepare.imaging import ImageReadError, load_image
-
-log = logging.getLogger(__name__)
-# ISIC 2018 Task 3 submission columns, mapped to our (alphabetical) class order.
-ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
-
-
-def find_images(inputs: list[Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted)."""
-    files: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.exists():
-            files.append(item)
-        else:
-            raise UserError(f"{item}: no such file or folder")
-    return files
-
-
-def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
-    """A Probabilities model rebuilt from a train checkpoint, and its input size."""
-    from src.evaluate import load_trained
-    from src.learn.model import Probabilities
-
-    model, ckpt = load_trained(path)
-    return Probabilities(model).eval(), int(ckpt["config"]["data"]["image_size"])
-
-
-def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module, int]:
-    """The registered/logged model and its input size, read from the model's signature."""
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
-
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        info = mlflow.models.get_model_info(model_uri)
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except (MlflowException, OSError) as err:
-        raise UserError(
-            f"cannot load model {model_uri} from {tracking_uri}: {err}; run `dvc repro` to "
-            "train and register one, or pass --checkpoint models/best.pt"
-        ) from None
-    size = int(info.signature.inputs.inputs[0].shape[1])
-    return model, size
-
-
-def batches(files: list[Path], size: int, batch_size: int) -> Iterator[tuple[list[Path], np.ndarray, list[str]]]:
-    """Decode files in batches with the evaluation preprocessing; unreadable files are reported, not fatal."""
-    for start in range(0, len(files), batch_size):
-        ok, arrays, errors = [], [], []
-        for path in files[start : start + batch_size]:
-            try:
-                arrays.append(load_image(path, size))
-                ok.append(path)
-            except ImageReadError as err:
-                errors.append(str(err))
-        yield ok, (np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)), errors
-
-
-@torch.inference_mode()
-def classify(
-    model: torch.nn.Module, files: list[Path], size: int, batch_size: int = 64
-) -> tuple[pd.DataFrame, list[str]]:
-    """Probabilities per readable file as an ISIC submission frame, and one message per unreadable file."""
-    from src.config import CLASSES
-
-    device = next(model.parameters(), torch.empty(0)).device
-    rows, failures = [], []
-    for ok, images, errors in batches(files, size, batch_size):
-        failures += errors
-        if ok:
-            probs = model(torch.from_numpy(images).to(device)).float().cpu().numpy()
-            rows += [(p.stem, *(probs[i, CLASSES.index(c)] for c in ISIC_COLUMNS.values())) for i, p in enumerate(ok)]
-    return pd.DataFrame(rows, columns=["image", *ISIC_COLUMNS]), failures
-
-
-def predict_files(inputs: list[Path], output: Path, model: torch.nn.Module, size: int) -> int:
-    """Write the submission CSV; returns how many files could not be read."""
-    frame, failures = classify(model, find_images(inputs), size)
-    for message in failures:
-        log.error("skipped %s", message)
-    write_text(output, frame.to_csv(index=False))
-    log.info("wrote %d predictions to %s (%d unreadable)", len(frame), output, len(failures))
-    return len(failures)
+from src.learn.inference import load_from_checkpoint, predict_files
+from src.tracking.models import load_from_mlflow
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,8 @@ from src.config import Params, TuneParams, parse_params
 from src.errors import UserError
 from src.fileio import write_text
 from src.learn.engine import TrainingDiverged
+from src.learn.training import TrainData, load_train_data, run_training
 from src.tracking import runs as tracking
-from src.train import TrainData, load_train_data, run_training
 from src.tuning.search_space import by_section, check_space, suggest, trial_params
 
 log = logging.getLogger(__name__)

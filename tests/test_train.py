@@ -16,12 +16,14 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from src.evaluate import evaluate, load_trained
 from src.ingest.rawdata import DataError
 from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from src.predict import classify, load_from_checkpoint, load_from_mlflow, predict_files
+from src.learn.inference import classify, load_from_checkpoint, load_trained, predict_files
+from src.learn.training import load_train_data
 from src.split import split
-from src.train import load_train_data, train
+from src.tracking.evaluate_run import evaluate
+from src.tracking.models import load_from_mlflow
+from src.tracking.train_run import train
 from tests.conftest import make_tiny_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

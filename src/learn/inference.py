@@ -1,0 +1,89 @@
+"""Inference: rebuild a trained model from its checkpoint and classify image files into an ISIC 2018 Task 3 frame."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from src.config import CLASSES, ModelParams
+from src.errors import UserError
+from src.fileio import write_text
+from src.learn.checkpoint import load_checkpoint, load_weights
+from src.learn.model import Classifier, Probabilities, build_model
+from src.prepare.imaging import ImageReadError, load_image
+
+log = logging.getLogger(__name__)
+# ISIC 2018 Task 3 submission columns, mapped to our (alphabetical) class order.
+ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+def load_trained(path: Path) -> tuple[Classifier, dict]:
+    """Rebuild the model a checkpoint records (not today's params) and load its weights."""
+    ckpt = load_checkpoint(path)
+    model_params = ModelParams(**{**ckpt["config"]["model"], "pretrained": False, "weights": None})
+    model = build_model(model_params, ckpt["config"]["data"]["image_size"])
+    load_weights(model, ckpt, path)
+    return model.eval(), ckpt
+
+
+def find_images(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            files.append(item)
+        else:
+            raise UserError(f"{item}: no such file or folder")
+    return files
+
+
+def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
+    """A Probabilities model rebuilt from a train checkpoint, and its input size."""
+    model, ckpt = load_trained(path)
+    return Probabilities(model).eval(), int(ckpt["config"]["data"]["image_size"])
+
+
+def batches(files: list[Path], size: int, batch_size: int) -> Iterator[tuple[list[Path], np.ndarray, list[str]]]:
+    """Decode files in batches with the evaluation preprocessing; unreadable files are reported, not fatal."""
+    for start in range(0, len(files), batch_size):
+        ok, arrays, errors = [], [], []
+        for path in files[start : start + batch_size]:
+            try:
+                arrays.append(load_image(path, size))
+                ok.append(path)
+            except ImageReadError as err:
+                errors.append(str(err))
+        yield ok, (np.stack(arrays) if arrays else np.empty((0, size, size, 3), np.uint8)), errors
+
+
+@torch.inference_mode()
+def classify(
+    model: torch.nn.Module, files: list[Path], size: int, batch_size: int = 64
+) -> tuple[pd.DataFrame, list[str]]:
+    """Probabilities per readable file as an ISIC submission frame, and one message per unreadable file."""
+    device = next(model.parameters(), torch.empty(0)).device
+    rows, failures = [], []
+    for ok, images, errors in batches(files, size, batch_size):
+        failures += errors
+        if ok:
+            probs = model(torch.from_numpy(images).to(device)).float().cpu().numpy()
+            rows += [(p.stem, *(probs[i, CLASSES.index(c)] for c in ISIC_COLUMNS.values())) for i, p in enumerate(ok)]
+    return pd.DataFrame(rows, columns=["image", *ISIC_COLUMNS]), failures
+
+
+def predict_files(inputs: list[Path], output: Path, model: torch.nn.Module, size: int) -> int:
+    """Write the submission CSV; returns how many files could not be read."""
+    frame, failures = classify(model, find_images(inputs), size)
+    for message in failures:
+        log.error("skipped %s", message)
+    write_text(output, frame.to_csv(index=False))
+    log.info("wrote %d predictions to %s (%d unreadable)", len(frame), output, len(failures))
+    return len(failures)

@@ -1,0 +1,153 @@
+"""The train stage's training code, shared with tuning and the benchmark: data, model, fit and reports."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from src.config import Params
+from src.fileio import read_json, write_json, write_text
+from src.learn.checkpoint import CheckpointError, load_checkpoint
+from src.learn.data import (
+    SplitData,
+    class_weights,
+    load_split,
+    make_loader,
+    subsample_lesions,
+    train_loader,
+    train_transform,
+)
+from src.learn.engine import EpochCallback, FitResult, fit, seed_everything, select_device
+from src.learn.model import Classifier, build_model
+
+log = logging.getLogger(__name__)
+HISTORY_COLUMNS = (
+    "epoch",
+    "train/loss",
+    "val/loss",
+    "val/accuracy",
+    "val/balanced_accuracy",
+    "lr",
+    "train/images_per_s",
+    "train/grad_norm",
+    "epoch_seconds",
+)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    train: SplitData
+    val: SplitData
+
+    @property
+    def image_size(self) -> int:
+        return self.val.dataset.image_size
+
+
+def load_train_data(params: Params) -> TrainData:
+    """The train split (lesion-subsampled when train.train_fraction < 1, augmented) and the val split."""
+    paths, train = params.paths, params.train
+    val = load_split(paths, "val")
+    full = load_split(paths, "train")
+    frame = subsample_lesions(full.frame, train.train_fraction, train.seed)
+    transform = train_transform(train.augment, val.dataset.image_size)
+    dataset = type(full.dataset)(
+        full.dataset.cache_file, frame["cache_row"].to_numpy(), frame["label"].to_numpy(), transform
+    )
+    return TrainData(SplitData(frame, dataset), val)
+
+
+def run_config(params: Params, image_size: int) -> dict:
+    """What a checkpoint must match to be resumed: the model, the training params and the data."""
+    split_hash = read_json(params.paths.reports / "split.json").get("split_hash", "unknown")
+    return {
+        "model": params.model.model_dump(mode="json"),
+        "train": params.train.model_dump(mode="json"),
+        "data": {"image_size": image_size, "split_hash": split_hash},
+    }
+
+
+def resumable_checkpoint(checkpoint_dir: Path, config: dict) -> dict | None:
+    """The last checkpoint when it was made by the same config; otherwise start afresh (and say why)."""
+    last = checkpoint_dir / "last.pt"
+    if not last.exists():
+        return None
+    try:
+        state = load_checkpoint(last)
+    except CheckpointError as err:
+        log.warning("ignoring unusable checkpoint: %s", err)
+        return None
+    if state["config"] != config:
+        log.info("%s was made with other params or data; starting a new run", last)
+        return None
+    return state
+
+
+def configure_threads(params: Params) -> torch.device:
+    device = select_device(params.train.device)
+    if device.type == "cpu":
+        torch.set_num_threads(params.train.threads or os.cpu_count() or 1)
+    return device
+
+
+def run_training(
+    params: Params,
+    data: TrainData,
+    checkpoint_dir: Path | None,
+    resume: dict | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    extra: dict | None = None,
+) -> tuple[Classifier, FitResult]:
+    """Build the model and fit it; the shared core of the train stage and of every tuning trial."""
+    device = configure_threads(params)
+    seed_everything(params.train.seed)
+    model = build_model(params.model, data.image_size).to(device)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if params.train.compile else model
+    loaders = (
+        train_loader(data.train, params.train, device),
+        make_loader(data.val.dataset, params.evaluate.batch_size, device, params.train.num_workers),
+    )
+    weight = None
+    if params.train.class_weights != "none":
+        weight = torch.tensor(class_weights(data.train.dataset.labels, params.train.class_weights), dtype=torch.float32)
+    result = fit(
+        runner,
+        loaders,
+        params.train,
+        device,
+        checkpoint_dir=checkpoint_dir,
+        config=run_config(params, data.image_size),
+        resume=resume,
+        on_epoch_end=on_epoch_end,
+        class_weight=weight,
+        extra=extra,
+    )
+    return model, result
+
+
+def write_reports(result: FitResult, reports: Path) -> None:
+    """Per-epoch history (DVC plots) and the best epoch's validation metrics (DVC metrics)."""
+    history = pd.DataFrame(result.history)
+    write_text(reports / "train_history.csv", history[[c for c in HISTORY_COLUMNS if c in history]].to_csv(index=False))
+    write_json(
+        reports / "train.json",
+        {
+            **{k: v for k, v in result.best_metrics.items() if k.startswith("val/")},
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "stopped_early": result.stopped_early,
+        },
+    )
+
+
+def example_batch(data: TrainData, n: int = 2) -> np.ndarray:
+    """A real batch of validation images for the MLflow signature and input example (batch >= 2)."""
+    return np.stack([data.val.dataset[i][0].numpy() for i in range(min(n, len(data.val.dataset)))])

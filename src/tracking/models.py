@@ -1,0 +1,26 @@
+"""Models logged to MLflow, loaded back by URI (`models:/<name>@champion`, `runs:/...`)."""
+
+from __future__ import annotations
+
+import torch
+
+from src.errors import UserError
+
+
+def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module, int]:
+    """The registered/logged model and its input size, read from the model's signature."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except (MlflowException, OSError) as err:
+        raise UserError(
+            f"cannot load model {model_uri} from {tracking_uri}: {err}; run `dvc repro` to "
+            "train and register one, or pass --checkpoint models/best.pt"
+        ) from None
+    size = int(info.signature.inputs.inputs[0].shape[1])
+    return model, size

@@ -1,0 +1,55 @@
+"""The train stage as one tracked run: fit (resuming if possible), keep the best model, log it all to MLflow."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+from src.config import Params
+from src.learn.checkpoint import load_checkpoint, save_checkpoint
+from src.learn.model import Probabilities
+from src.learn.training import (
+    example_batch,
+    load_train_data,
+    resumable_checkpoint,
+    run_config,
+    run_training,
+    write_reports,
+)
+from src.tracking import runs as tracking
+
+log = logging.getLogger(__name__)
+
+
+def train(params: Params) -> dict[str, float]:
+    """The train stage: fit (resuming if possible), write the best model and reports, log to MLflow."""
+    paths = params.paths
+    data = load_train_data(params)
+    checkpoint_dir = paths.models / "checkpoints"
+    resume = resumable_checkpoint(checkpoint_dir, run_config(params, data.image_size))
+    if resume is None and checkpoint_dir.exists():
+        shutil.rmtree(checkpoint_dir)
+    tracking.connect(params.tracking)
+    tags = {**tracking.provenance(paths), "stage": "train"}
+    with tracking.run(run_id=resume.get("mlflow_run_id") if resume else None, tags=tags) as active:
+        run_id = active.info.run_id
+        tracking.log_params(params)
+        tracking.log_datasets({"train": data.train.frame, "val": data.val.frame}, paths.splits)
+        model, result = run_training(
+            params, data, checkpoint_dir, resume, tracking.log_epoch, extra={"mlflow_run_id": run_id}
+        )
+        best = load_checkpoint(checkpoint_dir / "best.pt")
+        model.load_state_dict(best["model"])
+        model_uri = tracking.log_model(Probabilities(model), example_batch(data)) if params.tracking.log_model else ""
+        save_checkpoint(paths.models / "best.pt", {**best, "mlflow_run_id": run_id, "model_uri": model_uri})
+        write_reports(result, paths.reports)
+        tracking.log_metrics({f"best/{k}": v for k, v in result.best_metrics.items() if k.startswith("val/")})
+        tracking.set_tags({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early})
+        tracking.log_artifact(paths.reports / "train_history.csv")
+    log.info(
+        "best epoch %d: val/balanced_accuracy %.4f; model %s",
+        result.best_epoch,
+        result.best_metrics["val/balanced_accuracy"],
+        paths.models / "best.pt",
+    )
+    return result.best_metrics
