@@ -20,7 +20,7 @@ from src.ingest.rawdata import DataError
 from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from src.learn.inference import classify, load_from_checkpoint, load_trained, predict_files
 from src.learn.training import load_train_data
-from src.split import split
+from src.prepare.split import split
 from src.tracking.evaluate_run import evaluate
 from src.tracking.models import load_from_mlflow
 from src.tracking.train_run import train

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from src import tune
 from src.config import ConfigError, Params, TuneParams, flatten, load_params
 from src.learn.engine import TrainingDiverged
-from src.split import split
+from src.prepare.split import split
 from src.tuning.search_space import SPACE, check_space, suggest, trial_params
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from src.config import CLASSES, AugmentParams, PathsParams, TrainParams
 from src.ingest.rawdata import DataError
-from src.split import cache_path, read_split
+from src.prepare.index import cache_path, read_split
 
 
 class CachedImages(Dataset):

@@ -12,21 +12,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from src import split as split_module
 from src.config import CLASSES, DataParams, PathsParams, SplitParams
 from src.ingest.rawdata import DataError
 from src.ingest.synthetic import make_dataset
+from src.prepare import cache as cache_module
+from src.prepare.assign import assign_splits, group_ids
 from src.prepare.imaging import load_image
-from src.split import (
-    SPLITS,
-    assign_splits,
-    cache_path,
-    format_table,
-    group_ids,
-    main,
-    read_split,
-    split,
-)
+from src.prepare.index import SPLITS, cache_path, read_split
+from src.prepare.split import format_table, split
+from src.split import main
 
 SIZE = 32
 DATA = DataParams(source="synthetic", image_size=SIZE)
@@ -186,7 +180,7 @@ def test_cache_rows_are_the_images_of_the_index(done, synthetic_raw):
 
 def test_worker_processes_give_the_same_cache(done, synthetic_raw, tmp_path, monkeypatch):
     paths, _ = done
-    monkeypatch.setattr(split_module, "POOL_MIN_IMAGES", 1)
+    monkeypatch.setattr(cache_module, "POOL_MIN_IMAGES", 1)
     pooled = _paths(tmp_path)
     split(synthetic_raw, PARAMS, DATA, pooled)
     np.testing.assert_array_equal(np.load(cache_path(pooled, "val")), np.load(cache_path(paths, "val")))
