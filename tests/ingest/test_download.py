@@ -22,8 +22,9 @@ import pandas as pd
 import pytest
 
 from src.config import DataParams, PathsParams
-from src.download import SOURCE_FILE, download, main
+from src.download import main
 from src.ingest.archive import ArchiveError
+from src.ingest.download import SOURCE_FILE, download
 from src.ingest.http import DownloadError
 from src.ingest.rawdata import COLUMNS, ISIC_TEST, DataError
 from src.ingest.synthetic import make_dataset
@@ -262,7 +263,7 @@ def test_kaggle_zip_into_layout_and_rerun_does_nothing(server, ham, tmp_path, ca
 
     server.requests.clear()
     stamp = (raw / "metadata.csv").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="src.download"):
+    with caplog.at_level("INFO", logger="src.ingest.download"):
         download(data, paths, expected_images=len(ham.df))
     assert server.requests == []
     assert (raw / "metadata.csv").stat().st_mtime_ns == stamp
