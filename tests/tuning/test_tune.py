@@ -25,9 +25,13 @@ from src import tune
 from src.config import ConfigError, Params, TuneParams, flatten, load_params
 from src.learn.engine import TrainingDiverged
 from src.prepare.split import split
+from src.tuning import reporting, search
+from src.tuning import trial as tuning_trial
+from src.tuning.params_file import apply_to_params_file
 from src.tuning.search_space import SPACE, check_space, suggest, trial_params
+from src.tuning.study import CREATED_ATTR, HOST, HOST_ATTR, PARENT_RUN_ATTR, PID_ATTR, RUN_ATTR, fail_dead_trials
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
@@ -139,7 +143,7 @@ def _study(params: Params) -> optuna.Study:
 
 def _trial_runs(params: Params, study: optuna.Study):
     mlflow.set_tracking_uri(params.tracking.uri)
-    parent = study.user_attrs[tune.PARENT_RUN_ATTR]
+    parent = study.user_attrs[PARENT_RUN_ATTR]
     return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
 
@@ -178,12 +182,12 @@ def test_dead_workers_trials_fail_and_live_ones_keep_running():
     trials = {}
     for name, pid in owners.items():
         trials[name] = study.ask()
-        trials[name].set_user_attr(tune.HOST_ATTR, tune.HOST)
-        trials[name].set_user_attr(tune.PID_ATTR, pid)
+        trials[name].set_user_attr(HOST_ATTR, HOST)
+        trials[name].set_user_attr(PID_ATTR, pid)
     elsewhere = study.ask()
-    elsewhere.set_user_attr(tune.HOST_ATTR, "another-host")
-    elsewhere.set_user_attr(tune.PID_ATTR, gone.pid)
-    failed = {t.number for t in tune.fail_dead_trials(study)}
+    elsewhere.set_user_attr(HOST_ATTR, "another-host")
+    elsewhere.set_user_attr(PID_ATTR, gone.pid)
+    failed = {t.number for t in fail_dead_trials(study)}
     assert failed == {trials["dead"].number, trials["same pid as this process"].number}
     states = {t.number: t.state for t in study.trials}
     assert states[trials["alive"].number] == states[elsewhere.number] == TrialState.RUNNING
@@ -191,12 +195,12 @@ def test_dead_workers_trials_fail_and_live_ones_keep_running():
 
 def test_workers_reuse_the_recorded_parent_run_and_do_not_wait_for_a_long_dead_creator():
     study = optuna.create_study()
-    study.set_user_attr(tune.CREATED_ATTR, time.time() - 3600)  # its creator died before recording a run
+    study.set_user_attr(CREATED_ATTR, time.time() - 3600)  # its creator died before recording a run
     start = time.monotonic()
-    assert tune.recorded_parent_run(study, created=False) is None and time.monotonic() - start < 1
-    study.set_user_attr(tune.PARENT_RUN_ATTR, "run-id")
-    assert tune.recorded_parent_run(study, created=False) == "run-id"
-    assert tune.recorded_parent_run(study, created=True) is None
+    assert reporting.recorded_parent_run(study, created=False) is None and time.monotonic() - start < 1
+    study.set_user_attr(PARENT_RUN_ATTR, "run-id")
+    assert reporting.recorded_parent_run(study, created=False) == "run-id"
+    assert reporting.recorded_parent_run(study, created=True) is None
 
 
 def test_apply_keeps_comments_and_changes_only_tuned_keys(tmp_path):
@@ -204,7 +208,7 @@ def test_apply_keeps_comments_and_changes_only_tuned_keys(tmp_path):
     shutil.copy(REPO / "params.yaml", params_file)
     before = params_file.read_text().splitlines()
     best = {"train": {"lr": 1.2345e-05, "weight_decay": 0.0123, "clip_grad_norm": 2.5}, "model": {"dropout": 0.25}}
-    tune.apply_to_params_file(params_file, best)
+    apply_to_params_file(params_file, best)
     after = params_file.read_text().splitlines()
     assert len(after) == len(before)
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
@@ -244,7 +248,7 @@ def test_study_prunes_tracks_trials_and_applies_best(tune_params, tmp_path, caps
         assert run["params.train.lr"] == str(trial.params["lr"])
         history = client.get_metric_history(run["run_id"], "val/balanced_accuracy")
         assert [m.step for m in history] == sorted(trial.intermediate_values)
-    parent = client.get_run(study.user_attrs[tune.PARENT_RUN_ATTR])
+    parent = client.get_run(study.user_attrs[PARENT_RUN_ATTR])
     assert parent.data.tags["optuna.study"] == "test-study" and parent.data.tags["best.trial"] == str(best.number)
     assert parent.data.metrics["best/value"] == pytest.approx(best.value)
     plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
@@ -274,8 +278,8 @@ def test_workers_share_a_study_and_a_killed_study_resumes(tune_params, tmp_path)
 
     def both_in_a_trial_after_finishing_one() -> bool:
         snapshot = _snapshot(storage)
-        finished = {t.get(tune.PID_ATTR) for t in snapshot if t["state"] in FINISHED}
-        running = {t.get(tune.PID_ATTR) for t in snapshot if t["state"] == "RUNNING" and tune.RUN_ATTR in t}
+        finished = {t.get(PID_ATTR) for t in snapshot if t["state"] in FINISHED}
+        running = {t.get(PID_ATTR) for t in snapshot if t["state"] == "RUNNING" and RUN_ATTR in t}
         return pids <= finished and pids <= running
 
     try:
@@ -287,7 +291,7 @@ def test_workers_share_a_study_and_a_killed_study_resumes(tune_params, tmp_path)
     first = _study(params)
     completed = {t.number: t.value for t in first.trials if t.state == TrialState.COMPLETE}
     killed = [t for t in first.trials if t.state == TrialState.RUNNING]
-    assert {t.user_attrs[tune.PID_ATTR] for t in first.trials if t.state.is_finished()} == pids  # both added trials
+    assert {t.user_attrs[PID_ATTR] for t in first.trials if t.state.is_finished()} == pids  # both added trials
     assert completed and killed and len(first.trials) < trials
 
     assert tune.main(["--params", str(params_file), "--trials", str(trials)]) == 0  # the same command again
@@ -298,26 +302,26 @@ def test_workers_share_a_study_and_a_killed_study_resumes(tune_params, tmp_path)
     assert all(states[t.number] == TrialState.FAIL for t in killed)
     assert {t.number: t.value for t in study.trials if t.number in completed} == completed
     runs = _trial_runs(params, study).set_index("run_id")  # every worker nested its trials under one parent
-    assert set(runs.index) == {t.user_attrs[tune.RUN_ATTR] for t in study.trials if tune.RUN_ATTR in t.user_attrs}
+    assert set(runs.index) == {t.user_attrs[RUN_ATTR] for t in study.trials if RUN_ATTR in t.user_attrs}
     for trial in killed:
-        if tune.RUN_ATTR in trial.user_attrs:
-            run = runs.loc[trial.user_attrs[tune.RUN_ATTR]]
+        if RUN_ATTR in trial.user_attrs:
+            run = runs.loc[trial.user_attrs[RUN_ATTR]]
             assert (run["tags.trial.state"], run["status"]) == ("FAIL", "KILLED")
 
 
 @pytest.mark.e2e
 def test_diverged_or_out_of_memory_trials_fail_and_the_study_goes_on(tune_params, monkeypatch):
     failures = [TrainingDiverged("training loss is nan"), RuntimeError("CUDA out of memory. Tried to allocate")]
-    real = tune.run_training
+    real = tuning_trial.run_training
 
     def failing_first(*args, **kwargs):  # our training code, not Optuna or MLflow, is what fails here
         if failures:
             raise failures.pop(0)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tune, "run_training", failing_first)
+    monkeypatch.setattr(tuning_trial, "run_training", failing_first)
     params = tune_params.model_copy(update={"tune": tune_params.tune.model_copy(update={"epochs": 1})})
-    study = tune.tune(params, 3, None, "failing", params.tune.storage)
+    study = search.tune(params, 3, None, "failing", params.tune.storage)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
     runs = _trial_runs(params, study).set_index("tags.mlflow.runName")
     assert [runs.loc[f"trial-{n}", "tags.trial.state"] for n in range(3)] == ["FAIL", "FAIL", "COMPLETE"]
