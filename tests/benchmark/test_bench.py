@@ -1,4 +1,4 @@
-"""The speed benchmark on a tiny configuration, and the batched colour jitter it led to (src.data)."""
+"""The speed benchmark on a tiny configuration, and the batched colour jitter it led to (src.learn.data)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from src import bench
+from src.benchmark.inputs import find_image_files, read_labels
 from src.config import AugmentParams
 from src.learn.data import CachedImages, train_transform
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIGURES = (
     "ceiling_gflops",
     "model_only_images_per_s",
@@ -83,9 +84,9 @@ def test_image_folder_with_or_without_images_subfolder(tmp_path, nested):
         Image.new("RGB", (40, 30), (i * 60, 100, 50)).save(images / f"ISIC_{i:07d}.jpg")
     metadata = "lesion_id,image_id,dx\nHAM_1,ISIC_0000000,mel\nHAM_2,ISIC_0000001,nv\n"
     (folder / "HAM10000_metadata.csv").write_text(metadata)
-    files = bench.find_image_files(folder)
+    files = find_image_files(folder)
     assert [f.name for f in files] == [f"ISIC_{i:07d}.jpg" for i in range(3)]
-    labels = bench.read_labels(folder, files)
+    labels = read_labels(folder, files)
     assert labels[:2].tolist() == [4, 5] and 0 <= labels[2] < 7  # mel, nv; the unlisted one gets a random class
 
 

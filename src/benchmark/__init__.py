@@ -1,0 +1,1 @@
+"""Speed benchmark: the device ceiling, model-only and real training throughput, a naive baseline, inference."""
