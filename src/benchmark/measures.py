@@ -151,7 +151,7 @@ def measure_compiled(
 def measure_inference(
     params: Params, files: list[Path], size: int, batch_size: int = 64, single: int = 20
 ) -> dict[str, float]:
-    """predict.classify on batches of files (median images/s, decode included) and on single files (median ms)."""
+    """The predict path (classify) on batches (median images/s, decode included) and on single files (median ms)."""
     cpu = torch.device("cpu")
     seed_everything(params.train.seed)
     model = Probabilities(build_model(params.model, size)).eval()

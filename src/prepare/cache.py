@@ -20,7 +20,7 @@ POOL_MIN_IMAGES = 200  # below this, starting worker processes costs more than i
 
 
 def decode(path: Path, size: int) -> tuple[np.ndarray, np.uint64, np.ndarray]:
-    """One decode of an image file: the model-sized pixels (src.imaging.fit_square), pHash and detail."""
+    """One decode of an image file: the model-sized pixels (src.prepare.imaging.fit_square), pHash and detail."""
     try:
         with Image.open(path) as img:
             img.load()
