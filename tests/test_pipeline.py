@@ -21,17 +21,41 @@ from src.config import TrackingParams
 from src.tracking.runs import TrackingError, connect
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("src", "dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", ".dvcignore", ".dvc/config",
-                 ".dvc/.gitignore")
-OFFLINE = ["-S", "data.source=synthetic", "-S", "model.name=test_vit", "-S", "data.image_size=32",
-           "-S", "model.pretrained=false", "-S", "train.epochs=2"]
+PROJECT_FILES = (
+    "src",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".gitignore",
+    ".dvcignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+)
+OFFLINE = [
+    "-S",
+    "data.source=synthetic",
+    "-S",
+    "model.name=test_vit",
+    "-S",
+    "data.image_size=32",
+    "-S",
+    "model.pretrained=false",
+    "-S",
+    "train.epochs=2",
+]
 pytestmark = pytest.mark.e2e
 
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -91,8 +115,18 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(pipeline):
     port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-           f"sqlite:///{pipeline / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{pipeline / 'mlflow.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, cwd=pipeline, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -124,14 +158,19 @@ def test_server_shows_runs_metrics_and_registered_model(server):
     assert len(tags["git.commit"]) == 40
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["model.name"] == "test_vit"
-    history = requests.get(f"{api}/metrics/get-history", params={"run_id": run["info"]["run_id"],
-                                                                  "metric_key": "val/balanced_accuracy"}, timeout=10)
+    history = requests.get(
+        f"{api}/metrics/get-history",
+        params={"run_id": run["info"]["run_id"], "metric_key": "val/balanced_accuracy"},
+        timeout=10,
+    )
     assert [m["step"] for m in history.json()["metrics"]] == [1, 2]
-    alias = requests.get(f"{api}/registered-models/alias", params={"name": "hmnist-vit", "alias": "champion"},
-                         timeout=10).json()["model_version"]
+    alias = requests.get(
+        f"{api}/registered-models/alias", params={"name": "hmnist-vit", "alias": "champion"}, timeout=10
+    ).json()["model_version"]
     assert alias["run_id"] == run["info"]["run_id"]
-    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"],
-                                                              "path": "evaluation"}, timeout=10).json()
+    artifacts = requests.get(
+        f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"], "path": "evaluation"}, timeout=10
+    ).json()
     assert any(f["path"].endswith("confusion_matrix.png") for f in artifacts.get("files", []))
 
 
