@@ -36,12 +36,17 @@ def find_images(inputs: list[Path]) -> list[Path]:
 
 
 def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
-    """A Probabilities model rebuilt from a train checkpoint, and its input size."""
-    from src.evaluate import load_trained
+    """A Probabilities model rebuilt from a train checkpoint with the decision evaluate saved beside it,
+    and its input size."""
+    from src.evaluate import load_decision, load_trained
     from src.model import Probabilities
 
     model, ckpt = load_trained(path)
-    return Probabilities(model).eval(), int(ckpt["config"]["data"]["image_size"])
+    decision = load_decision(path)
+    if decision["offsets"] is None:
+        log.warning("no decision.json beside %s (run evaluate): plain argmax without TTA or prior correction", path)
+    offsets = None if decision["offsets"] is None else torch.tensor(decision["offsets"])
+    return Probabilities(model, decision["tta"], offsets).eval(), int(ckpt["config"]["data"]["image_size"])
 
 
 def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module, int]:

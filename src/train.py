@@ -18,7 +18,7 @@ from src.config import Params
 from src.data import SplitData, class_weights, load_split, make_loader, subsample_lesions, train_loader, train_transform
 from src.engine import EpochCallback, FitResult, fit, seed_everything, select_device
 from src.fileio import read_json, write_json, write_text
-from src.model import Classifier, Probabilities, build_model
+from src.model import Classifier, build_model
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = (
@@ -30,6 +30,8 @@ HISTORY_COLUMNS = (
     "lr",
     "train/images_per_s",
     "train/grad_norm",
+    "val_ema/balanced_accuracy",
+    "val/score",
     "epoch_seconds",
 )
 
@@ -142,11 +144,6 @@ def write_reports(result: FitResult, reports: Path) -> None:
     )
 
 
-def example_batch(data: TrainData, n: int = 2) -> np.ndarray:
-    """A real batch of validation images for the MLflow signature and input example (batch >= 2)."""
-    return np.stack([data.val.dataset[i][0].numpy() for i in range(min(n, len(data.val.dataset)))])
-
-
 def train(params: Params) -> dict[str, float]:
     """The train stage: fit (resuming if possible), write the best model and reports, log to MLflow."""
     from src import tracking  # the entry point, not the core, talks to MLflow
@@ -163,16 +160,17 @@ def train(params: Params) -> dict[str, float]:
         run_id = active.info.run_id
         tracking.log_params(params)
         tracking.log_datasets({"train": data.train.frame, "val": data.val.frame}, paths.splits)
-        model, result = run_training(
+        _, result = run_training(
             params, data, checkpoint_dir, resume, tracking.log_epoch, extra={"mlflow_run_id": run_id}
         )
+        # the served model (with its TTA and prior correction) is logged by evaluate, which fits them on val
         best = load_checkpoint(checkpoint_dir / "best.pt")
-        model.load_state_dict(best["model"])
-        model_uri = tracking.log_model(Probabilities(model), example_batch(data)) if params.tracking.log_model else ""
-        save_checkpoint(paths.models / "best.pt", {**best, "mlflow_run_id": run_id, "model_uri": model_uri})
+        save_checkpoint(paths.models / "best.pt", {**best, "mlflow_run_id": run_id})
         write_reports(result, paths.reports)
         tracking.log_metrics({f"best/{k}": v for k, v in result.best_metrics.items() if k.startswith("val/")})
-        tracking.set_tags({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early})
+        tracking.set_tags(
+            {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early, "best_weights": best.get("weights")}
+        )
         tracking.log_artifact(paths.reports / "train_history.csv")
     log.info(
         "best epoch %d: val/balanced_accuracy %.4f; model %s",

@@ -46,7 +46,7 @@ def test_train_writes_model_reports_and_mlflow_run(trained):
     params, metrics = trained
     assert 0 <= metrics["val/balanced_accuracy"] <= 1
     ckpt = load_checkpoint(params.paths.models / "best.pt")
-    assert ckpt["config"]["model"]["name"] == "test_vit" and ckpt["model_uri"]
+    assert ckpt["config"]["model"]["name"] == "test_vit" and ckpt["mlflow_run_id"]
     history = pd.read_csv(params.paths.reports / "train_history.csv")
     assert list(history["epoch"]) == [1, 2]
     assert {"train/loss", "val/loss", "val/balanced_accuracy", "lr"} <= set(history.columns)
