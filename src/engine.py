@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from src.checkpoint import save_checkpoint
 from src.config import CLASSES, TrainParams
@@ -321,7 +320,10 @@ def make_learner(
     mixer = make_mixer(train, len(CLASSES))
     weight = None if class_weight is None else class_weight.to(device)
     return Learner(
-        make_optimizer(model, train, device), sched, _loss_fn(train, weight, mixer is not None), make_ema(model, train),
+        make_optimizer(model, train, device),
+        sched,
+        _loss_fn(train, weight, mixer is not None),
+        make_ema(model, train),
         mixer,
     )
 
@@ -370,8 +372,16 @@ def fit(
         seed_everything(train.seed * 1000 + epoch)  # per-epoch seeds make resumed runs identical
         start = time.perf_counter()
         metrics = train_one_epoch(
-            model, train_loader, learner.optimizer, learner.loss_fn, train, learner.sched, device,
-            desc=f"epoch {epoch + 1}/{train.epochs}", ema=learner.ema, mixer=learner.mixer,
+            model,
+            train_loader,
+            learner.optimizer,
+            learner.loss_fn,
+            train,
+            learner.sched,
+            device,
+            desc=f"epoch {epoch + 1}/{train.epochs}",
+            ema=learner.ema,
+            mixer=learner.mixer,
         )
         val_metrics, weights = validate(model, learner.ema, val_loader, device)
         metrics |= val_metrics | {"epoch_seconds": time.perf_counter() - start}
@@ -387,4 +397,3 @@ def fit(
             save_checkpoint(checkpoint_dir / "last.pt", last)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return FitResult(best, state.history, state.best_epoch, stopped_early)
-

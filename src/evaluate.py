@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
 
 from src import cli
 from src.checkpoint import load_checkpoint, load_weights
 from src.config import CLASSES, ModelParams, Params
-from torch.utils.data import DataLoader
-
 from src.data import SplitData, load_split, make_loader
 from src.decision import apply_offsets, fit_offsets
 from src.engine import predict, select_device
@@ -153,7 +152,9 @@ def evaluate(params: Params) -> dict[str, float]:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")
             return metrics
         model_uri = tracking.log_model(served, example_images(params, image_size))
-        result = tracking.register(model_uri, active.info.run_id, metrics, params.tracking, params.evaluate.promote_metric)
+        result = tracking.register(
+            model_uri, active.info.run_id, metrics, params.tracking, params.evaluate.promote_metric
+        )
         tracking.set_tags({"registry.version": result["version"], "registry.champion": result["promoted"]})
     return metrics
 

@@ -8,7 +8,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -169,7 +168,11 @@ def train(params: Params) -> dict[str, float]:
         write_reports(result, paths.reports)
         tracking.log_metrics({f"best/{k}": v for k, v in result.best_metrics.items() if k.startswith("val/")})
         tracking.set_tags(
-            {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early, "best_weights": best.get("weights")}
+            {
+                "best_epoch": result.best_epoch,
+                "stopped_early": result.stopped_early,
+                "best_weights": best.get("weights"),
+            }
         )
         tracking.log_artifact(paths.reports / "train_history.csv")
     log.info(
