@@ -91,6 +91,10 @@ class AugmentParams(Section):
     contrast: float = Field(0.1, ge=0, le=1)
     saturation: float = Field(0.1, ge=0, le=1)
     hue: float = Field(0.02, ge=0, le=0.5)
+    policy: Literal["none", "trivial", "randaugment"] = Field(
+        "none", description="torchvision TrivialAugmentWide or RandAugment before the flips (from-scratch recipe)"
+    )
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability of erasing one random rectangle")
 
 
 class TrainParams(Section):
@@ -108,6 +112,14 @@ class TrainParams(Section):
     sampler: Literal["none", "balanced", "sqrt"] = "balanced"
     class_weights: Literal["none", "balanced", "sqrt"] = "none"
     early_stopping_patience: int | None = Field(10, ge=1)
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay for fine-tuning: block k of n gets lr * decay^(n - k)"
+    )
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an EMA of the weights; each epoch the better of EMA and raw on val is kept"
+    )
+    mixup: float = Field(0.0, ge=0, description="mixup alpha (0 = off); label smoothing is folded into its targets")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha (0 = off)")
     train_fraction: float = Field(1.0, gt=0, le=1, description="use a lesion-stratified fraction (tuning)")
     augment: AugmentParams = AugmentParams()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -117,10 +129,24 @@ class TrainParams(Section):
     compile: bool = False
     seed: int = 42
 
+    @model_validator(mode="after")
+    def _mixup_without_class_weights(self) -> TrainParams:
+        if (self.mixup or self.cutmix) and self.class_weights != "none":
+            raise ValueError("train.class_weights works without mixup/cutmix only; balance with train.sampler")
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise ValueError(f"train.batch_size must be even for mixup/cutmix (got {self.batch_size})")
+        return self
+
 
 class EvaluateParams(Section):
     promote_metric: str = "test/balanced_accuracy"
     batch_size: int = Field(128, ge=1)
+    tta: bool | Literal["auto"] = Field(
+        "auto", description="average probabilities over the 8 flips/rotations; auto = when it helps on val"
+    )
+    prior_correction: bool = Field(
+        True, description="per-class logit offsets fitted on val for balanced accuracy, stored with the model"
+    )
 
 
 class TrackingParams(Section):

@@ -16,10 +16,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from src.config import CLASSES
 from src.ingest.rawdata import DataError
 from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from src.learn.inference import classify, load_from_checkpoint, load_trained, predict_files
+from src.learn.inference import ISIC_COLUMNS, classify, load_from_checkpoint, load_trained, predict_files
 from src.learn.training import load_train_data
+from src.prepare.imaging import load_image
 from src.prepare.split import split
 from src.tracking.evaluate_run import evaluate
 from src.tracking.models import load_from_mlflow
@@ -48,7 +50,7 @@ def test_train_writes_model_reports_and_mlflow_run(trained):
     params, metrics = trained
     assert 0 <= metrics["val/balanced_accuracy"] <= 1
     ckpt = load_checkpoint(params.paths.models / "best.pt")
-    assert ckpt["config"]["model"]["name"] == "test_vit" and ckpt["model_uri"]
+    assert ckpt["config"]["model"]["name"] == "test_vit" and ckpt["mlflow_run_id"]
     history = pd.read_csv(params.paths.reports / "train_history.csv")
     assert list(history["epoch"]) == [1, 2]
     assert {"train/loss", "val/loss", "val/balanced_accuracy", "lr"} <= set(history.columns)
@@ -63,8 +65,11 @@ def test_train_writes_model_reports_and_mlflow_run(trained):
 
 def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw):
     params, _ = trained
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"tta": True})})
     metrics = evaluate(params)
     assert {"test/balanced_accuracy", "test/macro_roc_auc", "test/melanoma_sensitivity"} <= set(metrics)
+    assert {"test/balanced_accuracy_no_correction", "test/balanced_accuracy_no_tta_no_correction"} <= set(metrics)
+    assert metrics["decision/tta"] == 1.0
     for name in ("evaluate.json", "confusion.csv", "roc.csv", "confusion_matrix.png", "roc_curves.png"):
         assert (params.paths.reports / name).stat().st_size > 0
     client = MlflowClient(params.tracking.uri)
@@ -72,14 +77,21 @@ def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw)
     assert str(champion.version) == "1"
     assert float(champion.tags["test/balanced_accuracy"]) == pytest.approx(metrics["test/balanced_accuracy"], 1e-4)
 
-    # predict through the registry reproduces evaluate's probabilities for the same images
+    # the MLflow model, its pyfunc flavour (what `mlflow models serve` runs) and predict --checkpoint all
+    # reproduce evaluate's probabilities (TTA and prior correction included) for the same image files
     expected = pd.read_csv(params.paths.reports / "predictions.csv").head(6)
     files = [synthetic_raw / "images" / f"{image_id}.jpg" for image_id in expected["image_id"]]
-    model, size = load_from_mlflow(f"models:/{params.tracking.registered_model}@champion", params.tracking.uri)
-    frame, failures = classify(model, files, size)
-    assert not failures
-    np.testing.assert_allclose(frame["MEL"], expected["mel"], atol=1e-5)
-    np.testing.assert_allclose(frame["NV"], expected["nv"], atol=1e-5)
+    uri = f"models:/{params.tracking.registered_model}@champion"
+    from_registry, size = load_from_mlflow(uri, params.tracking.uri)
+    from_checkpoint, _ = load_from_checkpoint(params.paths.models / "best.pt")
+    for model in (from_registry, from_checkpoint):
+        frame, failures = classify(model, files, size)
+        assert not failures
+        for ours, theirs in ISIC_COLUMNS.items():
+            np.testing.assert_allclose(frame[ours], expected[theirs], atol=1e-5)
+    images = np.stack([load_image(f, size) for f in files])
+    served = mlflow.pyfunc.load_model(uri).predict(images)
+    np.testing.assert_allclose(np.asarray(served), expected[list(CLASSES)].to_numpy(), atol=1e-5)
 
     evaluate(params)  # the same model again: not better, so it is challenger and the champion stays
     name = params.tracking.registered_model

@@ -180,8 +180,16 @@ _BATCHABLE = (v2.RandomHorizontalFlip, v2.RandomVerticalFlip, RandomRot90, v2.Co
 
 
 def train_transform(aug: AugmentParams, size: int) -> v2.Compose:
-    """Flips, 90-degree rotations, mild scale and colour jitter on uint8 CHW tensors."""
+    """Crop, then per image an optional TrivialAugment/RandAugment policy and random erasing, then flips,
+    90-degree rotations and colour jitter (these last run batched in `CachedImages.__getitems__`)."""
     steps: list[torch.nn.Module] = [v2.RandomResizedCrop(size, scale=(aug.scale_min, 1.0), ratio=(0.9, 1.1))]
+    if aug.policy == "trivial":
+        steps.append(v2.TrivialAugmentWide())
+    elif aug.policy == "randaugment":
+        steps.append(v2.RandAugment())
+    if aug.random_erasing:
+        # before the flips so that the batched tail stays batched; erasing commutes with flips in distribution
+        steps.append(v2.RandomErasing(p=aug.random_erasing, value=0))
     if aug.flips:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if aug.rot90:

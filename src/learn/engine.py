@@ -13,11 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from src.config import TrainParams
+from src.config import CLASSES, TrainParams
 from src.errors import UserError
 from src.learn.checkpoint import save_checkpoint
 from src.learn.metrics import summary_metrics
@@ -53,19 +57,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: not on norms, biases, or position/class tokens."""
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Weight decay on weight matrices only (not norms, biases, position/class tokens); with `layer_decay`,
+    timm's per-block lr scales (`lr_scale`), so fine-tuning moves the pretrained early blocks least."""
+    if layer_decay is not None:
+        backbone = getattr(model, "backbone", model)  # timm's group_matcher lives on the timm model
+        skip = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+        groups = param_groups_layer_decay(backbone, weight_decay, skip, layer_decay=layer_decay)
+        return [{**g, "decayed": g["weight_decay"] > 0} for g in groups]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or any(token in name for token in NO_DECAY_NAMES)
         (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "decayed": True},
+        {"params": no_decay, "weight_decay": 0.0, "decayed": False},
+    ]
 
 
 def make_optimizer(model: nn.Module, train: TrainParams, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, fused=device.type == "cuda")
+    groups = param_groups(model, train.weight_decay, train.layer_decay)
+    return torch.optim.AdamW(groups, lr=train.lr, fused=device.type == "cuda")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -77,8 +91,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
 
 
 def l1_penalty(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """Sum of |w| over the decayed (weight-matrix) group."""
-    return sum(p.abs().sum() for p in optimizer.param_groups[0]["params"])
+    """Sum of |w| over the weight matrices (the groups that get weight decay)."""
+    return sum(p.abs().sum() for g in optimizer.param_groups if g["decayed"] for p in g["params"])
 
 
 def clip_gradients(model: nn.Module, train: TrainParams) -> torch.Tensor:
@@ -110,8 +124,14 @@ def train_one_epoch(
     sched: Schedule,
     device: torch.device,
     desc: str = "train",
+    ema: ModelEmaV3 | None = None,
+    mixer: Mixup | None = None,
 ) -> dict:
-    """One pass over the loader; returns mean loss, mean pre-clip gradient norm and images/s."""
+    """One pass over the loader; returns mean loss, mean pre-clip gradient norm and images/s.
+
+    `mixer` (timm's Mixup) turns each batch and its labels into mixed images and soft targets; `ema` is updated
+    after every optimizer step.
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no per-step sync
     norm_sum = torch.zeros((), device=device)
@@ -119,19 +139,25 @@ def train_one_epoch(
     n_batches = len(loader)
     for i, (images, labels) in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2)):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        targets = labels
+        if mixer is not None:
+            images, targets = mix_batch(mixer, images, labels)
         with autocast(device):
-            loss = loss_fn(model(images), labels)
+            loss = loss_fn(model(images), targets)
         total = loss + train.l1 * l1_penalty(optimizer) if train.l1 else loss
         (total / train.grad_accum_steps).backward()
         loss_sum += loss.detach() * len(labels)
         seen += len(labels)
         if (i + 1) % train.grad_accum_steps == 0 or i + 1 == n_batches:
+            lr = lr_at(sched.step, sched.total_steps, sched.warmup_steps, train.lr, train.min_lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(sched.step, sched.total_steps, sched.warmup_steps, train.lr, train.min_lr)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             norm_sum += clip_gradients(model, train)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sched.step += 1
+            if ema is not None:
+                ema.update(getattr(model, "_orig_mod", model), step=sched.step)
             updates += 1
     mean_loss = (loss_sum / max(seen, 1)).item()
     if not math.isfinite(mean_loss):
@@ -140,19 +166,40 @@ def train_one_epoch(
         "train/loss": mean_loss,
         "train/grad_norm": (norm_sum / max(updates, 1)).item(),
         "train/images_per_s": seen / (time.perf_counter() - start),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr_at(max(sched.step - 1, 0), sched.total_steps, sched.warmup_steps, train.lr, train.min_lr),
     }
 
 
+def mix_batch(mixer: Mixup, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup/cutmix a uint8 NHWC batch: float NHWC images (a view the model normalises as usual), soft targets."""
+    mixed, targets = mixer(images.permute(0, 3, 1, 2).float(), labels)
+    return mixed.permute(0, 2, 3, 1), targets
+
+
+def make_mixer(train: TrainParams, num_classes: int) -> Mixup | None:
+    """timm's Mixup for train.mixup/cutmix > 0 (label smoothing folded into its soft targets), else None."""
+    if not (train.mixup or train.cutmix):
+        return None
+    return Mixup(
+        mixup_alpha=train.mixup,
+        cutmix_alpha=train.cutmix,
+        label_smoothing=train.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and labels for every sample of the loader, in order."""
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, softmax: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and labels for every sample of the loader, in order (`softmax=False` for a model
+    that already returns probabilities)."""
     model.eval()
     probs, labels = [], []
     for images, y in loader:
         with autocast(device):
-            logits = model(images.to(device, non_blocking=True))
-        probs.append(logits.float().softmax(dim=-1))
+            out = model(images.to(device, non_blocking=True)).float()
+        probs.append(out.softmax(dim=-1) if softmax else out)
         labels.append(y)
     return torch.cat(probs).cpu().numpy(), torch.cat(labels).numpy()
 
@@ -178,6 +225,16 @@ class FitState:
     def from_checkpoint(cls, ckpt: dict) -> FitState:
         return cls(**ckpt["fit"])
 
+    def record(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Add an epoch's metrics; True when its val/score is the best so far."""
+        score = metrics["val/score"]
+        improved = score > self.best_score
+        self.epoch, self.history = epoch, [*self.history, {"epoch": epoch, **metrics}]
+        if improved:
+            self.best_score, self.best_epoch = score, epoch
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        return improved
+
     def as_dict(self) -> dict:
         return {
             "epoch": self.epoch,
@@ -196,8 +253,92 @@ class FitResult:
     stopped_early: bool
 
 
-def _loss_fn(train: TrainParams, class_weight: torch.Tensor | None) -> nn.Module:
+def _loss_fn(train: TrainParams, class_weight: torch.Tensor | None, mixing: bool) -> nn.Module:
+    if mixing:  # soft targets from Mixup already carry the label smoothing
+        return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(weight=class_weight, label_smoothing=train.label_smoothing)
+
+
+def make_ema(model: nn.Module, train: TrainParams) -> ModelEmaV3 | None:
+    """timm's weight EMA with its warm-up (short fine-tuning runs have few steps), or None when off."""
+    return None if train.ema_decay is None else ModelEmaV3(model, decay=train.ema_decay, use_warmup=True)
+
+
+def validate(
+    model: nn.Module, ema: ModelEmaV3 | None, loader: DataLoader, device: torch.device
+) -> tuple[dict[str, float], str]:
+    """Val metrics of the raw weights (val/) and of the EMA (val_ema/); `val/score` is the better balanced
+    accuracy, and the second value says which weights gave it ("raw" or "ema")."""
+    metrics = evaluate(model, loader, device)
+    score, weights = metrics["val/balanced_accuracy"], "raw"
+    if ema is not None:
+        metrics |= evaluate(ema.module, loader, device, prefix="val_ema")
+        if metrics["val_ema/balanced_accuracy"] > score:
+            score, weights = metrics["val_ema/balanced_accuracy"], "ema"
+    return {**metrics, "val/score": score}, weights
+
+
+@dataclass
+class Learner:
+    """What updates the weights: optimizer, schedule, loss and the optional EMA and mixup."""
+
+    optimizer: torch.optim.Optimizer
+    sched: Schedule
+    loss_fn: nn.Module
+    ema: ModelEmaV3 | None
+    mixer: Mixup | None
+
+    def restore(self, model: nn.Module, resume: dict) -> FitState:
+        model.load_state_dict(resume["model"])
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.sched.step = resume["scheduler"]["step"]
+        if self.ema is not None:
+            self.ema.module.load_state_dict(resume["ema"])
+        return FitState.from_checkpoint(resume)
+
+    def checkpoints(self, model: nn.Module, weights: str, base: dict, state: FitState) -> tuple[dict, dict]:
+        """(best, last) checkpoint dicts: best holds the weights that scored, last everything to resume."""
+        chosen = self.ema.module if weights == "ema" else model
+        best = {**base, "model": chosen.state_dict(), "weights": weights}
+        last = {
+            **base,
+            "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "fit": state.as_dict(),
+        }
+        if self.ema is not None:
+            last["ema"] = self.ema.module.state_dict()
+        return best, last
+
+
+def make_learner(
+    model: nn.Module, train: TrainParams, device: torch.device, steps_per_epoch: int, class_weight: torch.Tensor | None
+) -> Learner:
+    """Optimizer (layer-decayed when asked), warm-up + cosine schedule, loss, EMA and mixup for `fit`."""
+    sched = Schedule(steps_per_epoch * train.epochs, round(steps_per_epoch * train.warmup_epochs))
+    mixer = make_mixer(train, len(CLASSES))
+    weight = None if class_weight is None else class_weight.to(device)
+    return Learner(
+        make_optimizer(model, train, device),
+        sched,
+        _loss_fn(train, weight, mixer is not None),
+        make_ema(model, train),
+        mixer,
+    )
+
+
+def _log_epoch(epoch: int, train: TrainParams, metrics: dict[str, float], weights: str) -> None:
+    log.info(
+        "epoch %d/%d  loss %.4f  val/loss %.4f  val/bacc %.4f%s  %.0f img/s",
+        epoch,
+        train.epochs,
+        metrics["train/loss"],
+        metrics["val/loss"],
+        metrics["val/balanced_accuracy"],
+        f"  ema {metrics['val_ema/balanced_accuracy']:.4f}" if "val_ema/balanced_accuracy" in metrics else "",
+        metrics["train/images_per_s"],
+    )
 
 
 def fit(
@@ -218,17 +359,11 @@ def fit(
     """
     train_loader, val_loader = loaders
     raw_model = getattr(model, "_orig_mod", model)  # torch.compile wraps; save the plain module
-    optimizer = make_optimizer(raw_model, train, device)
     steps_per_epoch = math.ceil(len(train_loader) / train.grad_accum_steps)
-    sched = Schedule(steps_per_epoch * train.epochs, round(steps_per_epoch * train.warmup_epochs))
-    state = FitState()
+    learner = make_learner(raw_model, train, device, steps_per_epoch, class_weight)
+    state = FitState() if resume is None else learner.restore(raw_model, resume)
     if resume is not None:
-        raw_model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        sched.step = resume["scheduler"]["step"]
-        state = FitState.from_checkpoint(resume)
-        log.info("resuming from epoch %d (best val/balanced_accuracy %.4f)", state.epoch, state.best_score)
-    loss_fn = _loss_fn(train, None if class_weight is None else class_weight.to(device))
+        log.info("resuming from epoch %d (best val/score %.4f)", state.epoch, state.best_score)
     stopped_early = False
     for epoch in range(state.epoch, train.epochs):
         if train.early_stopping_patience is not None and state.bad_epochs >= train.early_stopping_patience:
@@ -237,39 +372,28 @@ def fit(
         seed_everything(train.seed * 1000 + epoch)  # per-epoch seeds make resumed runs identical
         start = time.perf_counter()
         metrics = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, train, sched, device, desc=f"epoch {epoch + 1}/{train.epochs}"
+            model,
+            train_loader,
+            learner.optimizer,
+            learner.loss_fn,
+            train,
+            learner.sched,
+            device,
+            desc=f"epoch {epoch + 1}/{train.epochs}",
+            ema=learner.ema,
+            mixer=learner.mixer,
         )
-        metrics.update(evaluate(model, val_loader, device))
-        metrics["epoch_seconds"] = time.perf_counter() - start
-        score = metrics["val/balanced_accuracy"]
-        improved = score > state.best_score
-        state.epoch, state.history = epoch + 1, [*state.history, {"epoch": epoch + 1, **metrics}]
-        state.best_score, state.best_epoch = (score, epoch + 1) if improved else (state.best_score, state.best_epoch)
-        state.bad_epochs = 0 if improved else state.bad_epochs + 1
-        log.info(
-            "epoch %d/%d  loss %.4f  val/loss %.4f  val/bacc %.4f  %.0f img/s",
-            epoch + 1,
-            train.epochs,
-            metrics["train/loss"],
-            metrics["val/loss"],
-            score,
-            metrics["train/images_per_s"],
-        )
+        val_metrics, weights = validate(model, learner.ema, val_loader, device)
+        metrics |= val_metrics | {"epoch_seconds": time.perf_counter() - start}
+        improved = state.record(epoch + 1, metrics)
+        _log_epoch(epoch + 1, train, metrics, weights)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
         if checkpoint_dir is not None:
-            base = {
-                "model": raw_model.state_dict(),
-                "config": config or {},
-                "metrics": metrics,
-                "epoch": epoch + 1,
-                **(extra or {}),
-            }
+            base = {"config": config or {}, "metrics": metrics, "epoch": epoch + 1, **(extra or {})}
+            best, last = learner.checkpoints(raw_model, weights, base, state)
             if improved:
-                save_checkpoint(checkpoint_dir / "best.pt", base)
-            save_checkpoint(
-                checkpoint_dir / "last.pt",
-                {**base, "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "fit": state.as_dict()},
-            )
+                save_checkpoint(checkpoint_dir / "best.pt", best)
+            save_checkpoint(checkpoint_dir / "last.pt", last)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return FitResult(best, state.history, state.best_epoch, stopped_early)

@@ -12,7 +12,7 @@ import torch
 
 from src.config import CLASSES, ModelParams
 from src.errors import UserError
-from src.fileio import write_text
+from src.fileio import read_json, write_json, write_text
 from src.learn.checkpoint import load_checkpoint, load_weights
 from src.learn.model import Classifier, Probabilities, build_model
 from src.prepare.imaging import ImageReadError, load_image
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # ISIC 2018 Task 3 submission columns, mapped to our (alphabetical) class order.
 ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+DECISION_FILE = "decision.json"  # written by evaluate beside best.pt
 
 
 def load_trained(path: Path) -> tuple[Classifier, dict]:
@@ -45,10 +46,25 @@ def find_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def save_decision(path: Path, served: Probabilities) -> None:
+    """The decision rule beside best.pt, so that `src.predict --checkpoint` applies what evaluate applied."""
+    write_json(path, served.decision())
+
+
+def load_decision(checkpoint: Path) -> dict:
+    """The decision evaluate saved beside a checkpoint; plain argmax when evaluate has not run."""
+    return read_json(Path(checkpoint).parent / DECISION_FILE) or {"tta": False, "offsets": None}
+
+
 def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
-    """A Probabilities model rebuilt from a train checkpoint, and its input size."""
+    """A Probabilities model rebuilt from a train checkpoint with the decision evaluate saved beside it,
+    and its input size."""
     model, ckpt = load_trained(path)
-    return Probabilities(model).eval(), int(ckpt["config"]["data"]["image_size"])
+    decision = load_decision(path)
+    if decision["offsets"] is None:
+        log.warning("no %s beside %s (run evaluate): plain argmax without TTA or prior correction", DECISION_FILE, path)
+    offsets = None if decision["offsets"] is None else torch.tensor(decision["offsets"])
+    return Probabilities(model, decision["tta"], offsets).eval(), int(ckpt["config"]["data"]["image_size"])
 
 
 def batches(files: list[Path], size: int, batch_size: int) -> Iterator[tuple[list[Path], np.ndarray, list[str]]]:

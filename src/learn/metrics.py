@@ -23,6 +23,11 @@ def summary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     }
 
 
+def balanced_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean per-class recall of the argmax decision."""
+    return float(skm.balanced_accuracy_score(labels, probs.argmax(axis=1)))
+
+
 def _roc_auc(labels: np.ndarray, probs: np.ndarray, k: int) -> float:
     positive = labels == k
     if positive.all() or not positive.any():

@@ -34,15 +34,35 @@ class Classifier(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
-class Probabilities(nn.Module):
-    """The served form: uint8 NHWC images -> class probabilities (columns in CLASSES order)."""
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/90-degree rotations of a NHWC batch: dermoscopy has no up or left, so all 8 are one image."""
+    rotations = [torch.rot90(images, k, dims=(1, 2)) for k in range(4)]
+    return rotations + [r.flip(2) for r in rotations]
 
-    def __init__(self, classifier: Classifier):
+
+class Probabilities(nn.Module):
+    """The served form: uint8 NHWC images -> class probabilities (columns in CLASSES order).
+
+    It holds the whole decision that evaluate measured: test-time augmentation (the mean of the softmax over the
+    8 dihedral views) and per-class log-offsets fitted on val (softmax(log p + offset)). Evaluate, the MLflow
+    model, serving and predict all run this one module, so they return the same probabilities.
+    """
+
+    def __init__(self, classifier: Classifier, tta: bool = False, offsets: torch.Tensor | None = None):
         super().__init__()
         self.classifier = classifier
+        self.tta = tta
+        offsets = torch.zeros(len(CLASSES)) if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
+        self.register_buffer("offsets", offsets.clone())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(images).softmax(dim=-1)
+        views = dihedral_views(images) if self.tta else [images]
+        probs = torch.stack([self.classifier(v).float().softmax(dim=-1) for v in views]).mean(dim=0)
+        return (probs.clamp_min(1e-12).log() + self.offsets).softmax(dim=-1)
+
+    def decision(self) -> dict:
+        """The rule as plain values, for checkpoints and reports."""
+        return {"tta": self.tta, "offsets": [round(float(v), 4) for v in self.offsets]}
 
 
 def _create(params: ModelParams, image_size: int, pretrained: bool) -> nn.Module:

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -146,8 +145,3 @@ def write_reports(result: FitResult, reports: Path) -> None:
             "stopped_early": result.stopped_early,
         },
     )
-
-
-def example_batch(data: TrainData, n: int = 2) -> np.ndarray:
-    """A real batch of validation images for the MLflow signature and input example (batch >= 2)."""
-    return np.stack([data.val.dataset[i][0].numpy() for i in range(min(n, len(data.val.dataset)))])

@@ -1,21 +1,25 @@
-"""The evaluate stage as one tracked run: test-set metrics, predictions and plots, logged and registered in MLflow."""
+"""The evaluate stage as one tracked run: the decision rule fitted on val, test-set metrics, predictions and plots,
+and the served model logged and registered in MLflow."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
 
 from src.config import CLASSES, Params
 from src.fileio import write_json, write_text
 from src.ingest.rawdata import DataError
-from src.learn.data import load_split, make_loader
+from src.learn.data import SplitData, load_split, make_loader
+from src.learn.decision import apply_offsets, fit_offsets
 from src.learn.engine import predict, select_device
-from src.learn.inference import load_trained
-from src.learn.metrics import confusion, full_metrics, roc_curves
-from src.learn.model import Classifier
+from src.learn.inference import DECISION_FILE, load_trained, save_decision
+from src.learn.metrics import balanced_accuracy, confusion, full_metrics, roc_curves
+from src.learn.model import Classifier, Probabilities
 from src.tracking import runs as tracking
 from src.tracking.plots import confusion_png, roc_png
 
@@ -31,19 +35,70 @@ def predictions_frame(frame: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
     return out
 
 
-def evaluate_split(model: Classifier, params: Params, name: str, image_size: int, device: torch.device) -> dict:
-    """Metrics, predictions CSV and plots for one split; returns metrics under the split's prefix."""
+def split_loader(params: Params, name: str, image_size: int, device: torch.device) -> tuple[SplitData, DataLoader]:
+    """One split of the cache and its loader; the cache must be at the size the model was trained at."""
     split = load_split(params.paths, name)
     if split.dataset.image_size != image_size:
         raise DataError(
             f"{split.dataset.cache_file}: images are {split.dataset.image_size} px but the model was "
             f"trained at {image_size} px; rerun `dvc repro` so split and train agree"
         )
-    loader = make_loader(split.dataset, params.evaluate.batch_size, device, params.train.num_workers)
-    probs, labels = predict(model, loader, device)
-    reports = params.paths.reports
+    return split, make_loader(split.dataset, params.evaluate.batch_size, device, params.train.num_workers)
+
+
+def fit_decision(classifier: Classifier, params: Params, image_size: int, device: torch.device) -> Probabilities:
+    """The served model: TTA when asked (or, for `auto`, when it helps on val) and the prior correction
+    fitted on the val split. Metrics under decision/ say what each part did on val."""
+    _, loader = split_loader(params, "val", image_size, device)
+    plain, labels = predict(Probabilities(classifier), loader, device, softmax=False)
+    tta, _ = predict(Probabilities(classifier, tta=True), loader, device, softmax=False)
+    bacc = {"plain": balanced_accuracy(labels, plain), "tta": balanced_accuracy(labels, tta)}
+    use_tta = bacc["tta"] > bacc["plain"] if params.evaluate.tta == "auto" else bool(params.evaluate.tta)
+    probs = tta if use_tta else plain
+    offsets = fit_offsets(probs, labels) if params.evaluate.prior_correction else np.zeros(len(CLASSES))
+    served = Probabilities(classifier, tta=use_tta, offsets=torch.tensor(offsets, dtype=torch.float32))
+    log.info(
+        "val balanced accuracy: plain %.4f, TTA %.4f (%s), with prior correction %.4f (fitted here); offsets %s",
+        bacc["plain"],
+        bacc["tta"],
+        "used" if use_tta else "not used",
+        balanced_accuracy(labels, apply_offsets(probs, offsets)),
+        served.decision()["offsets"],
+    )
+    return served
+
+
+def split_metrics(served: Probabilities, params: Params, name: str, image_size: int, device: torch.device) -> dict:
+    """Metrics, predictions CSV and plots for one split with the served decision; returns metrics under the
+    split's prefix, plus balanced accuracy without the prior correction and without TTA."""
+    split, loader = split_loader(params, name, image_size, device)
+    probs, labels = predict(served, loader, device, softmax=False)
+    plain, _ = predict(Probabilities(served.classifier), loader, device, softmax=False)
+    uncorrected = apply_offsets(probs, -served.offsets.cpu().numpy())
+    metrics = full_metrics(labels, probs) | {
+        "balanced_accuracy_no_correction": balanced_accuracy(labels, uncorrected),
+        "balanced_accuracy_no_tta_no_correction": balanced_accuracy(labels, plain),
+    }
+    write_split_reports(split.frame, labels, probs, metrics, params.paths.reports, name)
+    log.info(
+        "%s: balanced accuracy %.4f (no prior correction %.4f, plain %.4f), accuracy %.4f, macro AUC %.4f (%d images)",
+        name,
+        metrics["balanced_accuracy"],
+        metrics["balanced_accuracy_no_correction"],
+        metrics["balanced_accuracy_no_tta_no_correction"],
+        metrics["accuracy"],
+        metrics["macro_roc_auc"],
+        len(labels),
+    )
+    return {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/images": len(labels)}
+
+
+def write_split_reports(
+    frame: pd.DataFrame, labels: np.ndarray, probs: np.ndarray, metrics: dict, reports: Path, name: str
+) -> None:
+    """Predictions, confusion and ROC CSVs (DVC plots) and their PNGs for one split."""
     suffix = "" if name == "test" else f"_{name}"
-    preds = predictions_frame(split.frame, probs)
+    preds = predictions_frame(frame, probs)
     write_text(reports / f"predictions{suffix}.csv", preds.to_csv(index=False))
     write_text(
         reports / f"confusion{suffix}.csv",
@@ -52,35 +107,29 @@ def evaluate_split(model: Classifier, params: Params, name: str, image_size: int
     curves = roc_curves(labels, probs)
     roc = pd.concat([pd.DataFrame({"class": c, "fpr": f, "tpr": t}) for c, (f, t) in curves.items()])
     write_text(reports / f"roc{suffix}.csv", roc.to_csv(index=False))
-    metrics = full_metrics(labels, probs)
     confusion_png(confusion(labels, probs), reports / f"confusion_matrix{suffix}.png", f"{name}: confusion")
-    roc_png(
-        curves,
-        {c: metrics[f"roc_auc_{c}"] for c in CLASSES},
-        reports / f"roc_curves{suffix}.png",
-        f"{name}: ROC (one vs rest)",
-    )
-    log.info(
-        "%s: balanced accuracy %.4f, accuracy %.4f, macro AUC %.4f (%d images)",
-        name,
-        metrics["balanced_accuracy"],
-        metrics["accuracy"],
-        metrics["macro_roc_auc"],
-        len(labels),
-    )
-    return {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/images": len(labels)}
+    aucs = {c: metrics[f"roc_auc_{c}"] for c in CLASSES}
+    roc_png(curves, aucs, reports / f"roc_curves{suffix}.png", f"{name}: ROC (one vs rest)")
+
+
+def example_images(params: Params, image_size: int, n: int = 2) -> np.ndarray:
+    """Real test images for the MLflow signature and input example (pt2 export needs a batch >= 2)."""
+    split = load_split(params.paths, "test")
+    return np.stack([split.dataset[i][0].numpy() for i in range(min(n, len(split.dataset)))])
 
 
 def evaluate(params: Params) -> dict[str, float]:
-    """The evaluate stage: score the best model, write reports, log to its MLflow run, register it."""
+    """The evaluate stage: fit the decision on val, score it on test, log the served model and register it."""
     device = select_device(params.train.device)
-    model, ckpt = load_trained(params.paths.models / "best.pt")
-    model.to(device)
+    classifier, ckpt = load_trained(params.paths.models / "best.pt")
     image_size = ckpt["config"]["data"]["image_size"]
+    served = fit_decision(classifier.to(device), params, image_size, device)
+    save_decision(params.paths.models / DECISION_FILE, served)
     splits = ["test"] + ([ISIC_TEST] if (params.paths.splits / f"{ISIC_TEST}.csv").exists() else [])
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, served.offsets, strict=True)}
+    metrics["decision/tta"] = float(served.tta)
     for name in splits:
-        metrics |= evaluate_split(model, params, name, image_size, device)
+        metrics |= split_metrics(served, params, name, image_size, device)
     write_json(params.paths.reports / "evaluate.json", {k: (None if np.isnan(v) else v) for k, v in metrics.items()})
     tracking.connect(params.tracking)
     with tracking.run(run_id=ckpt.get("mlflow_run_id") or None, tags=tracking.provenance(params.paths)) as active:
@@ -88,11 +137,12 @@ def evaluate(params: Params) -> dict[str, float]:
         for png in sorted(params.paths.reports.glob("*.png")):
             tracking.log_artifact(png, "evaluation")
         tracking.log_artifact(params.paths.reports / "evaluate.json", "evaluation")
-        if ckpt.get("model_uri"):
-            result = tracking.register(
-                ckpt["model_uri"], active.info.run_id, metrics, params.tracking, params.evaluate.promote_metric
-            )
-            tracking.set_tags({"registry.version": result["version"], "registry.champion": result["promoted"]})
-        else:
-            log.warning("the checkpoint has no logged MLflow model (tracking.log_model: false); nothing registered")
+        if not params.tracking.log_model:
+            log.warning("tracking.log_model is false: the model is neither logged nor registered")
+            return metrics
+        model_uri = tracking.log_model(served, example_images(params, image_size))
+        result = tracking.register(
+            model_uri, active.info.run_id, metrics, params.tracking, params.evaluate.promote_metric
+        )
+        tracking.set_tags({"registry.version": result["version"], "registry.champion": result["promoted"]})
     return metrics

@@ -7,9 +7,7 @@ import shutil
 
 from src.config import Params
 from src.learn.checkpoint import load_checkpoint, save_checkpoint
-from src.learn.model import Probabilities
 from src.learn.training import (
-    example_batch,
     load_train_data,
     resumable_checkpoint,
     run_config,
@@ -35,21 +33,21 @@ def train(params: Params) -> dict[str, float]:
         run_id = active.info.run_id
         tracking.log_params(params)
         tracking.log_datasets({"train": data.train.frame, "val": data.val.frame}, paths.splits)
-        model, result = run_training(
+        _, result = run_training(
             params, data, checkpoint_dir, resume, tracking.log_epoch, extra={"mlflow_run_id": run_id}
         )
+        # the served model, with its TTA and prior correction, is logged by evaluate, which fits them on val
         best = load_checkpoint(checkpoint_dir / "best.pt")
-        model.load_state_dict(best["model"])
-        model_uri = tracking.log_model(Probabilities(model), example_batch(data)) if params.tracking.log_model else ""
-        save_checkpoint(paths.models / "best.pt", {**best, "mlflow_run_id": run_id, "model_uri": model_uri})
+        save_checkpoint(paths.models / "best.pt", {**best, "mlflow_run_id": run_id})
         write_reports(result, paths.reports)
         tracking.log_metrics({f"best/{k}": v for k, v in result.best_metrics.items() if k.startswith("val/")})
-        tracking.set_tags({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early})
+        outcome = {"best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
+        tracking.set_tags({**outcome, "best_weights": best.get("weights", "raw")})
         tracking.log_artifact(paths.reports / "train_history.csv")
     log.info(
-        "best epoch %d: val/balanced_accuracy %.4f; model %s",
+        "best epoch %d: val/score %.4f; model %s",
         result.best_epoch,
-        result.best_metrics["val/balanced_accuracy"],
+        result.best_metrics["val/score"],
         paths.models / "best.pt",
     )
     return result.best_metrics

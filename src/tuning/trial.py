@@ -17,7 +17,7 @@ from src.tracking import runs as tracking
 from src.tuning.search_space import suggest, trial_params
 from src.tuning.study import HOST, HOST_ATTR, PID_ATTR, RUN_ATTR
 
-METRIC = "val/balanced_accuracy"
+METRIC = "val/score"  # val balanced accuracy of the better of the raw and EMA weights
 STATE_TAG = "trial.state"
 
 
@@ -70,7 +70,7 @@ def trial_run(trial: optuna.Trial, parent_run_id: str) -> Iterator[None]:
 
 
 def objective(trial: optuna.Trial, base: Params, data: TrainData, parent_run_id: str) -> float:
-    """One trial: its value is the best val/balanced_accuracy of the trial's training run."""
+    """One trial: its value is the best val/score (balanced accuracy) of the trial's training run."""
     trial.set_user_attr(HOST_ATTR, HOST)  # first, so a killed worker's trial can be recognised
     trial.set_user_attr(PID_ATTR, os.getpid())
     params = trial_params(base, suggest(trial, base.tune), base.tune)

@@ -92,7 +92,13 @@ def test_image_folder_with_or_without_images_subfolder(tmp_path, nested):
 
 @pytest.mark.parametrize(
     "aug",
-    [AugmentParams(hue=0.2), AugmentParams(flips=False, rot90=False), AugmentParams(rot90=False, hue=0, brightness=0)],
+    [
+        AugmentParams(hue=0.2),
+        AugmentParams(flips=False, rot90=False),
+        AugmentParams(rot90=False, hue=0, brightness=0),
+        AugmentParams(policy="trivial", random_erasing=0.5),
+        AugmentParams(policy="randaugment"),
+    ],
 )
 def test_batched_augmentation_matches_per_sample_transform(tmp_path, aug):
     """CachedImages.__getitems__ (what the loader calls) = per-sample __getitem__, same RNG draws, rounding aside."""

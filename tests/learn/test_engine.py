@@ -4,9 +4,21 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from src.config import ModelParams, TrainParams
-from src.learn.engine import clip_gradients, lr_at, make_optimizer, param_groups
+from src.learn.checkpoint import load_checkpoint
+from src.learn.engine import (
+    Schedule,
+    clip_gradients,
+    fit,
+    lr_at,
+    make_mixer,
+    make_optimizer,
+    mix_batch,
+    param_groups,
+    train_one_epoch,
+)
 from src.learn.metrics import full_metrics, summary_metrics
 from src.learn.model import build_model
 
@@ -83,3 +95,83 @@ def test_balanced_accuracy_is_mean_recall():
     full = full_metrics(labels, probs)
     assert full["melanoma_sensitivity"] == 0.0 and full["melanoma_specificity"] == 1.0
     assert full["recall_nv"] == 1.0 and full["recall_mel"] == 0.0
+
+
+def test_layer_decay_scales_lr_from_head_down_to_the_patch_embedding(model):
+    groups = param_groups(model, 0.05, layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert len(scale) == len(list(model.parameters()))
+    assert scale["backbone.head.weight"] == 1.0
+    assert scale["backbone.patch_embed.proj.weight"] == min(scale.values()) < 1.0
+    assert scale["backbone.blocks.0.attn.qkv.weight"] < scale["backbone.blocks.1.attn.qkv.weight"]
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.blocks.0.norm1.weight"} <= no_decay
+    opt = make_optimizer(model, TrainParams(lr=0.01, layer_decay=0.5), CPU)
+    loader = [(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]))]
+    train = TrainParams(lr=0.01, warmup_epochs=0, layer_decay=0.5)
+    train_one_epoch(model, loader, opt, nn.CrossEntropyLoss(), train, Schedule(10, 0), CPU)
+    assert {round(g["lr"] / g["lr_scale"], 9) for g in opt.param_groups} == {0.01}
+
+
+def test_mixup_and_cutmix_give_soft_targets_with_smoothing_folded_in():
+    mixer = make_mixer(TrainParams(mixup=0.8, cutmix=1.0, label_smoothing=0.1), 7)
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.arange(8) % 7
+    torch.manual_seed(0)
+    np.random.seed(0)
+    mixed, targets = mix_batch(mixer, images, labels)
+    assert mixed.shape == images.shape and mixed.dtype == torch.float32
+    assert targets.shape == (8, 7)
+    assert torch.allclose(targets.sum(dim=1), torch.ones(8))
+    assert targets.min() >= 0.1 / 7 - 1e-6  # smoothing mass on every class
+    assert (targets > 0.1 / 7 + 1e-6).sum(dim=1).ge(1).all()
+    assert not torch.equal(mixed, images.float())
+    assert make_mixer(TrainParams(), 7) is None
+
+
+def test_mixup_settings_that_cannot_work_are_config_errors():
+    with pytest.raises(ValueError, match="class_weights"):
+        TrainParams(mixup=0.2, class_weights="balanced")
+    with pytest.raises(ValueError, match="even"):
+        TrainParams(cutmix=1.0, batch_size=15)
+
+
+def _toy_loaders():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(48) % 7
+    images = torch.randint(0, 256, (48, 32, 32, 3), dtype=torch.uint8, generator=g)
+    images[..., 0] = (labels * 36).view(-1, 1, 1).to(torch.uint8)  # a learnable signal
+    data = TensorDataset(images, labels)
+    return DataLoader(data, batch_size=16, shuffle=True, drop_last=True), DataLoader(data, batch_size=32)
+
+
+def _fit(tmp_path, name, train, resume=None, on_epoch_end=None):
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="test_vit", pretrained=False), 32)
+    return model, fit(model, _toy_loaders(), train, CPU, tmp_path / name, resume=resume, on_epoch_end=on_epoch_end)
+
+
+def test_ema_is_checkpointed_and_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    train = TrainParams(epochs=3, lr=0.003, warmup_epochs=0.5, ema_decay=0.9, mixup=0.4, early_stopping_patience=None)
+    _, reference = _fit(tmp_path, "ref", train)
+    assert {"val_ema/balanced_accuracy", "val/score"} <= set(reference.history[0])
+    last = load_checkpoint(tmp_path / "ref" / "last.pt")
+    assert set(last["ema"]) == set(last["model"])
+    assert not torch.equal(last["ema"]["backbone.head.weight"], last["model"]["backbone.head.weight"])
+    best = load_checkpoint(tmp_path / "ref" / "best.pt")
+    assert best["weights"] in ("raw", "ema")
+
+    def stop_after_epoch_2(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt  # before epoch 2's checkpoint: last.pt holds epoch 1
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, "cut", train, on_epoch_end=stop_after_epoch_2)
+    resume = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert resume["epoch"] == 1
+    _, resumed = _fit(tmp_path, "cut", train, resume=resume)
+    final = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    for key in ("model", "ema"):
+        assert all(torch.allclose(final[key][k], last[key][k], atol=1e-6) for k in last[key])

@@ -57,3 +57,17 @@ def test_local_weights_file_is_loaded(tmp_path):
     save_file(source.state_dict(), str(path))
     model = build_model(TINY.model_copy(update={"weights": path}), 32)
     assert torch.equal(model.backbone.pos_embed, source.pos_embed)
+
+
+def test_weights_made_at_224_px_load_at_another_size_with_resampled_position_embeddings(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("test_vit", pretrained=False, num_classes=1000, img_size=64)  # an ImageNet head
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = build_model(TINY.model_copy(update={"weights": path}), 32)
+    assert model.backbone.pos_embed.shape[1] < source.pos_embed.shape[1]  # fewer patches at 32 px
+    assert torch.equal(model.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight)
+    assert model.backbone.head.out_features == 7  # the 1000-class head is dropped, a 7-class head made
+    assert model(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).shape == (2, 7)
