@@ -29,6 +29,8 @@ from src.learn.metrics import summary_metrics
 log = logging.getLogger(__name__)
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "register_tokens")
 EpochCallback = Callable[[int, dict[str, float]], None]
+ETA_AFTER_STEPS = 5  # optimizer steps timed before the run's duration is estimated
+CPU_HOURS_WARNING = 2.0
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -159,6 +161,8 @@ def train_one_epoch(
             if ema is not None:
                 ema.update(getattr(model, "_orig_mod", model), step=sched.step)
             updates += 1
+            if sched.step == updates == ETA_AFTER_STEPS:  # the first steps of a fresh run
+                log_estimate(sched, (time.perf_counter() - start) / updates, device)
     mean_loss = (loss_sum / max(seen, 1)).item()
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"training loss is {mean_loss}; lower train.lr or enable train.clip_grad_norm")
@@ -168,6 +172,18 @@ def train_one_epoch(
         "train/images_per_s": seen / (time.perf_counter() - start),
         "lr": lr_at(max(sched.step - 1, 0), sched.total_steps, sched.warmup_steps, train.lr, train.min_lr),
     }
+
+
+def log_estimate(sched: Schedule, seconds_per_step: float, device: torch.device) -> None:
+    """Say early how long the whole run will take, so nobody waits ten hours for a GPU profile on a CPU."""
+    hours = seconds_per_step * sched.total_steps / 3600
+    log.info("estimated training time: %.1f h (%.2f s per step, %d steps)", hours, seconds_per_step, sched.total_steps)
+    if device.type == "cpu" and hours > CPU_HOURS_WARNING:
+        log.warning(
+            "this profile needs about %.0f h on this CPU; on a CPU use the pretrained CPU profile (README, "
+            "'Profiles': vit_tiny_patch16_224 at 128 px, 6 epochs, about 45 min on 2 cores)",
+            hours,
+        )
 
 
 def mix_batch(mixer: Mixup, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,9 +46,11 @@ def split_loader(params: Params, name: str, image_size: int, device: torch.devic
     return split, make_loader(split.dataset, params.evaluate.batch_size, device, params.train.num_workers)
 
 
-def fit_decision(classifier: Classifier, params: Params, image_size: int, device: torch.device) -> Probabilities:
+def fit_decision(
+    classifier: Classifier, params: Params, image_size: int, device: torch.device
+) -> tuple[Probabilities, dict[str, float]]:
     """The served model: TTA when asked (or, for `auto`, when it helps on val) and the prior correction
-    fitted on the val split. Metrics under decision/ say what each part did on val."""
+    fitted on the val split; with metrics (decision/) that say what each part did on val."""
     _, loader = split_loader(params, "val", image_size, device)
     plain, labels = predict(Probabilities(classifier), loader, device, softmax=False)
     tta, _ = predict(Probabilities(classifier, tta=True), loader, device, softmax=False)
@@ -57,15 +59,17 @@ def fit_decision(classifier: Classifier, params: Params, image_size: int, device
     probs = tta if use_tta else plain
     offsets = fit_offsets(probs, labels) if params.evaluate.prior_correction else np.zeros(len(CLASSES))
     served = Probabilities(classifier, tta=use_tta, offsets=torch.tensor(offsets, dtype=torch.float32))
+    bacc["corrected"] = balanced_accuracy(labels, apply_offsets(probs, offsets))
     log.info(
         "val balanced accuracy: plain %.4f, TTA %.4f (%s), with prior correction %.4f (fitted here); offsets %s",
         bacc["plain"],
         bacc["tta"],
         "used" if use_tta else "not used",
-        balanced_accuracy(labels, apply_offsets(probs, offsets)),
+        bacc["corrected"],
         served.decision()["offsets"],
     )
-    return served
+    metrics = {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()} | {"decision/tta": float(use_tta)}
+    return served, metrics | {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, offsets, strict=True)}
 
 
 def split_metrics(served: Probabilities, params: Params, name: str, image_size: int, device: torch.device) -> dict:
@@ -123,11 +127,9 @@ def evaluate(params: Params) -> dict[str, float]:
     device = select_device(params.train.device)
     classifier, ckpt = load_trained(params.paths.models / "best.pt")
     image_size = ckpt["config"]["data"]["image_size"]
-    served = fit_decision(classifier.to(device), params, image_size, device)
+    served, metrics = fit_decision(classifier.to(device), params, image_size, device)
     save_decision(params.paths.models / DECISION_FILE, served)
     splits = ["test"] + ([ISIC_TEST] if (params.paths.splits / f"{ISIC_TEST}.csv").exists() else [])
-    metrics: dict[str, float] = {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, served.offsets, strict=True)}
-    metrics["decision/tta"] = float(served.tta)
     for name in splits:
         metrics |= split_metrics(served, params, name, image_size, device)
     write_json(params.paths.reports / "evaluate.json", {k: (None if np.isnan(v) else v) for k, v in metrics.items()})

@@ -12,6 +12,7 @@ from src.learn.engine import (
     Schedule,
     clip_gradients,
     fit,
+    log_estimate,
     lr_at,
     make_mixer,
     make_optimizer,
@@ -175,3 +176,14 @@ def test_ema_is_checkpointed_and_an_interrupted_run_resumes_to_the_same_weights(
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     for key in ("model", "ema"):
         assert all(torch.allclose(final[key][k], last[key][k], atol=1e-6) for k in last[key])
+
+
+def test_a_long_run_on_a_cpu_is_announced_with_the_cpu_profile(caplog):
+    with caplog.at_level("INFO", logger="src.learn.engine"):
+        log_estimate(Schedule(total_steps=1000, warmup_steps=0), 30.0, CPU)
+    assert "estimated training time: 8.3 h" in caplog.text
+    assert "pretrained CPU profile" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="src.learn.engine"):
+        log_estimate(Schedule(total_steps=100, warmup_steps=0), 1.0, CPU)
+    assert "estimated training time: 0.0 h" in caplog.text and "CPU profile" not in caplog.text
