@@ -145,7 +145,7 @@ class EvaluateParams(Section):
         "auto", description="average probabilities over the 8 flips/rotations; auto = when it helps on val"
     )
     prior_correction: bool = Field(
-        True, description="per-class logit offsets fitted on val for balanced accuracy, stored with the model"
+        False, description="per-class logit offsets fitted on val for balanced accuracy, stored with the model"
     )
 
 

@@ -65,7 +65,8 @@ def test_train_writes_model_reports_and_mlflow_run(trained):
 
 def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw):
     params, _ = trained
-    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"tta": True})})
+    decision = {"tta": True, "prior_correction": True}  # both parts of the rule, so all three paths must apply them
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update=decision)})
     metrics = evaluate(params)
     assert {"test/balanced_accuracy", "test/macro_roc_auc", "test/melanoma_sensitivity"} <= set(metrics)
     assert {"test/balanced_accuracy_no_correction", "test/balanced_accuracy_no_tta_no_correction"} <= set(metrics)
