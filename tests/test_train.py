@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -90,6 +91,10 @@ def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw)
         assert not failures
         for ours, theirs in ISIC_COLUMNS.items():
             np.testing.assert_allclose(frame[ours], expected[theirs], atol=1e-5)
+    decision = params.paths.models / "decision.json"
+    stale = json.loads(decision.read_text()) | {"checkpoint": "another-run:1"}
+    decision.write_text(json.dumps(stale))  # a decision made for another model is not applied to this one
+    assert not load_from_checkpoint(params.paths.models / "best.pt")[0].tta
     images = np.stack([load_image(f, size) for f in files])
     served = mlflow.pyfunc.load_model(uri).predict(images)
     np.testing.assert_allclose(np.asarray(served), expected[list(CLASSES)].to_numpy(), atol=1e-5)

@@ -181,7 +181,7 @@ def log_estimate(sched: Schedule, seconds_per_step: float, device: torch.device)
     if device.type == "cpu" and hours > CPU_HOURS_WARNING:
         log.warning(
             "this profile needs about %.0f h on this CPU; on a CPU use the pretrained CPU profile (README, "
-            "'Profiles': vit_tiny_patch16_224 at 128 px, 6 epochs, about 45 min on 2 cores)",
+            "'Profiles': vit_tiny_patch16_224 at 128 px, 6 epochs, about 30 min on 2 cores)",
             hours,
         )
 

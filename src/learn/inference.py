@@ -46,23 +46,31 @@ def find_images(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def save_decision(path: Path, served: Probabilities) -> None:
+def checkpoint_id(ckpt: dict) -> str:
+    """Which training run and epoch made a checkpoint, so a decision is never applied to another model."""
+    return f"{ckpt.get('mlflow_run_id', '?')}:{ckpt.get('epoch', '?')}"
+
+
+def save_decision(path: Path, served: Probabilities, ckpt: dict) -> None:
     """The decision rule beside best.pt, so that `src.predict --checkpoint` applies what evaluate applied."""
-    write_json(path, served.decision())
+    write_json(path, {**served.decision(), "checkpoint": checkpoint_id(ckpt)})
 
 
-def load_decision(checkpoint: Path) -> dict:
-    """The decision evaluate saved beside a checkpoint; plain argmax when evaluate has not run."""
-    return read_json(Path(checkpoint).parent / DECISION_FILE) or {"tta": False, "offsets": None}
+def load_decision(checkpoint: Path, ckpt: dict) -> dict:
+    """The decision evaluate saved beside this checkpoint; plain argmax when evaluate has not run on it."""
+    decision = read_json(Path(checkpoint).parent / DECISION_FILE)
+    if decision.get("checkpoint") != checkpoint_id(ckpt):
+        return {"tta": False, "offsets": None}
+    return decision
 
 
 def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
     """A Probabilities model rebuilt from a train checkpoint with the decision evaluate saved beside it,
     and its input size."""
     model, ckpt = load_trained(path)
-    decision = load_decision(path)
+    decision = load_decision(path, ckpt)
     if decision["offsets"] is None:
-        log.warning("no %s beside %s (run evaluate): plain argmax without TTA or prior correction", DECISION_FILE, path)
+        log.warning("no %s for %s (run evaluate): plain probabilities, no TTA or prior correction", DECISION_FILE, path)
     offsets = None if decision["offsets"] is None else torch.tensor(decision["offsets"])
     return Probabilities(model, decision["tta"], offsets).eval(), int(ckpt["config"]["data"]["image_size"])
 

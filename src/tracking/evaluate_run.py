@@ -128,7 +128,7 @@ def evaluate(params: Params) -> dict[str, float]:
     classifier, ckpt = load_trained(params.paths.models / "best.pt")
     image_size = ckpt["config"]["data"]["image_size"]
     served, metrics = fit_decision(classifier.to(device), params, image_size, device)
-    save_decision(params.paths.models / DECISION_FILE, served)
+    save_decision(params.paths.models / DECISION_FILE, served, ckpt)
     splits = ["test"] + ([ISIC_TEST] if (params.paths.splits / f"{ISIC_TEST}.csv").exists() else [])
     for name in splits:
         metrics |= split_metrics(served, params, name, image_size, device)
