@@ -344,7 +344,7 @@ def make_learner(
     )
 
 
-def _log_epoch(epoch: int, train: TrainParams, metrics: dict[str, float], weights: str) -> None:
+def _log_epoch(epoch: int, train: TrainParams, metrics: dict[str, float]) -> None:
     log.info(
         "epoch %d/%d  loss %.4f  val/loss %.4f  val/bacc %.4f%s  %.0f img/s",
         epoch,
@@ -369,7 +369,7 @@ def fit(
     class_weight: torch.Tensor | None = None,
     extra: dict | None = None,
 ) -> FitResult:
-    """Train with early stopping on val balanced accuracy; checkpoint last/best each epoch.
+    """Train with early stopping on val/score (balanced accuracy, raw or EMA); checkpoint last/best each epoch.
 
     `resume` is a last.pt checkpoint to continue from. `config` and `extra` are recorded in checkpoints.
     """
@@ -402,7 +402,7 @@ def fit(
         val_metrics, weights = validate(model, learner.ema, val_loader, device)
         metrics |= val_metrics | {"epoch_seconds": time.perf_counter() - start}
         improved = state.record(epoch + 1, metrics)
-        _log_epoch(epoch + 1, train, metrics, weights)
+        _log_epoch(epoch + 1, train, metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
         if checkpoint_dir is not None:

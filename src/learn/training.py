@@ -35,6 +35,8 @@ HISTORY_COLUMNS = (
     "lr",
     "train/images_per_s",
     "train/grad_norm",
+    "val_ema/balanced_accuracy",
+    "val/score",
     "epoch_seconds",
 )
 

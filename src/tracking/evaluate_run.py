@@ -77,8 +77,9 @@ def split_metrics(served: Probabilities, params: Params, name: str, image_size: 
     split's prefix, plus balanced accuracy without the prior correction and without TTA."""
     split, loader = split_loader(params, name, image_size, device)
     probs, labels = predict(served, loader, device, softmax=False)
-    plain, _ = predict(Probabilities(served.classifier), loader, device, softmax=False)
     uncorrected = apply_offsets(probs, -served.offsets.cpu().numpy())
+    # without TTA the uncorrected probabilities are the plain ones: no second pass over the split
+    plain = predict(Probabilities(served.classifier), loader, device, softmax=False)[0] if served.tta else uncorrected
     metrics = full_metrics(labels, probs) | {
         "balanced_accuracy_no_correction": balanced_accuracy(labels, uncorrected),
         "balanced_accuracy_no_tta_no_correction": balanced_accuracy(labels, plain),
