@@ -161,10 +161,12 @@ class TuneParams(Section):
     weight_decay: tuple[float, float] = (1e-4, 0.3)
     dropout: tuple[float, float] = (0.0, 0.5)
     clip_grad_norm: tuple[float, float] = (0.1, 10.0)
-    epochs: int = Field(8, ge=1)
-    train_fraction: float = Field(0.5, gt=0, le=1)
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    warmup_epochs_before_pruning: int = Field(2, ge=0)
+    epochs: int = Field(12, ge=1)
+    train_fraction: float = Field(0.25, gt=0, le=1)
+    image_size: int | None = Field(None, ge=16)
+    pruner: Literal["successive_halving", "hyperband", "median", "none"] = "successive_halving"
+    reduction_factor: int = Field(4, ge=2)
+    warmup_epochs_before_pruning: int = Field(1, ge=0)
     seed: int = 42
     storage: str = "sqlite:///optuna.db"
     study_name: str = "hmnist-vit-tune"

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from src.config import CLASSES, AugmentParams, PathsParams, TrainParams
 from src.ingest.rawdata import DataError
+from src.prepare.imaging import fit_square
 from src.prepare.index import cache_path, read_split
 
 
@@ -242,6 +244,20 @@ def default_workers(device: torch.device) -> int:
 class SplitData:
     frame: pd.DataFrame
     dataset: CachedImages
+
+
+class ResizedImages(CachedImages):
+    """The rows of a CachedImages resized once into memory: tuning trials at a lower resolution than the cache.
+
+    The same resampling as the split stage (PIL bicubic, antialiased when shrinking), from the cached square.
+    """
+
+    def __init__(self, source: CachedImages, size: int):
+        self.cache_file, self.transform, self.labels = source.cache_file, source.transform, source.labels
+        self.rows = np.arange(len(source.rows), dtype=np.int64)
+        self._images = np.stack(
+            [fit_square(Image.fromarray(np.asarray(source.images[row])), size) for row in source.rows]
+        ).reshape(-1, size, size, 3)
 
 
 def load_split(paths: PathsParams, name: str, transform=None) -> SplitData:

@@ -14,6 +14,8 @@ from src.config import Params
 from src.fileio import read_json, write_json, write_text
 from src.learn.checkpoint import CheckpointError, load_checkpoint
 from src.learn.data import (
+    CachedImages,
+    ResizedImages,
     SplitData,
     class_weights,
     load_split,
@@ -51,16 +53,24 @@ class TrainData:
         return self.val.dataset.image_size
 
 
-def load_train_data(params: Params) -> TrainData:
-    """The train split (lesion-subsampled when train.train_fraction < 1, augmented) and the val split."""
+def load_train_data(params: Params, image_size: int | None = None) -> TrainData:
+    """The train split (lesion-subsampled when train.train_fraction < 1, augmented) and the val split.
+
+    `image_size` other than the cache's (tuning at a lower resolution) resizes both splits into memory.
+    """
     paths, train = params.paths, params.train
     val = load_split(paths, "val")
     full = load_split(paths, "train")
+    size = image_size or val.dataset.image_size
     frame = subsample_lesions(full.frame, train.train_fraction, train.seed)
-    transform = train_transform(train.augment, val.dataset.image_size)
-    dataset = type(full.dataset)(
-        full.dataset.cache_file, frame["cache_row"].to_numpy(), frame["label"].to_numpy(), transform
+    dataset = CachedImages(
+        full.dataset.cache_file,
+        frame["cache_row"].to_numpy(),
+        frame["label"].to_numpy(),
+        train_transform(train.augment, size),
     )
+    if size != val.dataset.image_size:
+        dataset, val = ResizedImages(dataset, size), SplitData(val.frame, ResizedImages(val.dataset, size))
     return TrainData(SplitData(frame, dataset), val)
 
 

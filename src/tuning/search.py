@@ -35,7 +35,8 @@ def tune(
     tracking.connect(params.tracking)
     close_dead_trial_runs(dead)
     with study_run(study, params, storage, recorded) as parent_run_id:
-        data = load_train_data(trial_params(params, {}, params.tune))  # train_fraction subsamples while loading
+        # tune.train_fraction subsamples the lesions and tune.image_size resizes the images while loading
+        data = load_train_data(trial_params(params, {}, params.tune), params.tune.image_size)
         remaining = trials - count_finished(study)
         if remaining > 0:
             log.info(

@@ -19,6 +19,7 @@ from src.tuning.study import HOST, HOST_ATTR, PID_ATTR, RUN_ATTR
 
 METRIC = "val/score"  # val balanced accuracy of the better of the raw and EMA weights
 STATE_TAG = "trial.state"
+EPOCH_SECONDS_ATTR = "epoch_seconds"
 
 
 class TrialFailed(RuntimeError):
@@ -33,10 +34,15 @@ def is_trial_failure(err: BaseException) -> bool:
 def fit_trial(trial: optuna.Trial, params: Params, data: TrainData) -> float:
     """Train with the train stage's code, report the metric every epoch, stop when the pruner says so."""
 
+    epoch_seconds: list[float] = []
+
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         tracking.log_epoch(epoch, metrics)
+        epoch_seconds.append(round(metrics["epoch_seconds"], 2))
+        trial.set_user_attr(EPOCH_SECONDS_ATTR, epoch_seconds)  # what the epochs a pruned trial skipped would cost
         trial.report(metrics[METRIC], epoch)
-        if trial.should_prune():
+        # after the last epoch there is nothing left to save: a trial that trained to the end completes
+        if epoch < params.train.epochs and trial.should_prune():
             raise optuna.TrialPruned(f"{METRIC} {metrics[METRIC]:.4f} at epoch {epoch}")
 
     try:
