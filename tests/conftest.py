@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from src.config import Params
+from src.fileio import write_json
+from src.ingest.download import SOURCE_FILE
 from src.ingest.synthetic import make_dataset
 
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
@@ -21,6 +23,7 @@ def synthetic_raw(tmp_path_factory) -> Path:
     """A raw-layout dataset (metadata.csv + images/) with ~90 lesions and two planted duplicate photos."""
     out = tmp_path_factory.mktemp("raw")
     make_dataset(out, n_lesions=90, seed=1, duplicates=2)
+    write_json(out / SOURCE_FILE, {"source": "synthetic", "synthetic": True})  # as the download stage records it
     return out
 
 

@@ -100,7 +100,8 @@ def test_all_stages_ran_and_wrote_metrics_and_plots(pipeline):
 
 def test_champion_predicts_like_evaluate(pipeline):
     expected = pd.read_csv(pipeline / "reports/predictions.csv")
-    _run([sys.executable, "-m", "src.predict", "data/raw/images", "-o", "submission.csv"], pipeline)
+    model = "models:/hmnist-vit-synthetic@champion"  # trained on synthetic data: never under the real name
+    _run([sys.executable, "-m", "src.predict", "data/raw/images", "-o", "submission.csv", "--model", model], pipeline)
     got = pd.read_csv(pipeline / "submission.csv").set_index("image").loc[expected["image_id"]]
     for ours, theirs in (("MEL", "mel"), ("NV", "nv"), ("BCC", "bcc"), ("VASC", "vasc")):
         np.testing.assert_allclose(got[ours].to_numpy(), expected[theirs].to_numpy(), atol=1e-5)
@@ -165,9 +166,14 @@ def test_server_shows_runs_metrics_and_registered_model(server):
     )
     assert [m["step"] for m in history.json()["metrics"]] == [1, 2]
     alias = requests.get(
-        f"{api}/registered-models/alias", params={"name": "hmnist-vit", "alias": "champion"}, timeout=10
+        f"{api}/registered-models/alias", params={"name": "hmnist-vit-synthetic", "alias": "champion"}, timeout=10
     ).json()["model_version"]
     assert alias["run_id"] == run["info"]["run_id"]
+    version_tags = {t["key"]: t["value"] for t in alias["tags"]}  # a handful, not every metric
+    assert {"data.source", "data.split_hash", "test/balanced_accuracy", "promotion"} <= set(version_tags)
+    assert len(version_tags) <= 10 and version_tags["promotion"].startswith("first model")
+    real = requests.get(f"{api}/registered-models/get", params={"name": "hmnist-vit"}, timeout=10)
+    assert real.status_code == 404  # the real-data name holds no synthetic model
     artifacts = requests.get(
         f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"], "path": "evaluation"}, timeout=10
     ).json()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from src.prepare.imaging import load_image
 from src.prepare.split import split
 from src.tracking.evaluate_run import evaluate
 from src.tracking.models import load_from_mlflow
+from src.tracking.registry import HEADLINE
 from src.tracking.train_run import train
 from tests.conftest import make_tiny_params
 
@@ -43,6 +45,7 @@ def prepared(tiny_params, synthetic_raw):
 def trained(synthetic_raw, tmp_path_factory):
     """One training run shared by the tests that only read its results."""
     params = make_tiny_params(tmp_path_factory.mktemp("trained"))
+    params = params.model_copy(update={"paths": params.paths.model_copy(update={"raw": synthetic_raw})})
     split(synthetic_raw, params.split, params.data, params.paths)
     return params, train(params)
 
@@ -75,15 +78,25 @@ def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw)
     for name in ("evaluate.json", "confusion.csv", "roc.csv", "confusion_matrix.png", "roc_curves.png"):
         assert (params.paths.reports / name).stat().st_size > 0
     client = MlflowClient(params.tracking.uri)
-    champion = client.get_model_version_by_alias(params.tracking.registered_model, "champion")
-    assert str(champion.version) == "1"
-    assert float(champion.tags["test/balanced_accuracy"]) == pytest.approx(metrics["test/balanced_accuracy"], 1e-4)
+    name = f"{params.tracking.registered_model}-synthetic"  # trained on synthetic data
+    assert not client.search_registered_models(f"name = '{params.tracking.registered_model}'")
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == "1" and champion.tags["promotion"].startswith("first model")
+    assert float(champion.tags["test/balanced_accuracy"]) == pytest.approx(metrics["test/balanced_accuracy"], 1e-3)
+    assert set(champion.tags) == {
+        "run_id",
+        "data.source",
+        "data.split_hash",
+        "git.commit",
+        "promotion",
+        *HEADLINE,
+    }  # the full metrics stay on the run
 
     # the MLflow model, its pyfunc flavour (what `mlflow models serve` runs) and predict --checkpoint all
     # reproduce evaluate's probabilities (TTA and prior correction included) for the same image files
     expected = pd.read_csv(params.paths.reports / "predictions.csv").head(6)
     files = [synthetic_raw / "images" / f"{image_id}.jpg" for image_id in expected["image_id"]]
-    uri = f"models:/{params.tracking.registered_model}@champion"
+    uri = f"models:/{name}@champion"
     from_registry, size = load_from_mlflow(uri, params.tracking.uri)
     from_checkpoint, _ = load_from_checkpoint(params.paths.models / "best.pt")
     for model in (from_registry, from_checkpoint):
@@ -100,9 +113,36 @@ def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw)
     np.testing.assert_allclose(np.asarray(served), expected[list(CLASSES)].to_numpy(), atol=1e-5)
 
     evaluate(params)  # the same model again: not better, so it is challenger and the champion stays
-    name = params.tracking.registered_model
-    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert str(challenger.version) == "2" and "does not beat champion v1" in challenger.tags["promotion"]
+    assert "scored on this test split" in challenger.tags["promotion"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def test_a_champion_scored_on_another_test_split_is_rescored_on_this_one(trained, synthetic_raw, tmp_path):
+    """Promotion compares scores on the same images: a champion from another split is loaded and scored again."""
+    first, _ = trained
+    params = make_tiny_params(tmp_path)
+    shutil.copytree(first.paths.models, params.paths.models)
+    paths = params.paths.model_copy(update={"raw": synthetic_raw})  # data/raw: the champion is scored from it
+    tracking = first.tracking.model_copy(update={"registered_model": "rescored"})  # the run's store, a fresh name
+    params = params.model_copy(update={"paths": paths, "tracking": tracking})
+    split(synthetic_raw, params.split, params.data, params.paths)
+    evaluate(params)
+    reseeded = params.model_copy(update={"split": params.split.model_copy(update={"seed": 7})})
+    split(synthetic_raw, reseeded.split, reseeded.data, reseeded.paths)  # another test split
+    metrics = evaluate(reseeded)
+
+    client = MlflowClient(params.tracking.uri)
+    champion = client.get_model_version_by_alias("rescored-synthetic", "champion")
+    challenger = client.get_model_version_by_alias("rescored-synthetic", "challenger")
+    assert (str(champion.version), str(challenger.version)) == ("1", "2")
+    assert champion.tags["data.split_hash"] != challenger.tags["data.split_hash"]
+    # the same weights on the same images score the same: no promotion, and the tag says what was compared
+    score = f"{metrics['test/balanced_accuracy']:.4f}"
+    assert challenger.tags["promotion"] == (
+        f"test/balanced_accuracy {score} does not beat champion v1 {score} (rescored on this test split)"
+    )
 
 
 def test_predict_reports_unreadable_files_and_goes_on(trained, synthetic_raw, tmp_path):

@@ -89,18 +89,29 @@ def batches(files: list[Path], size: int, batch_size: int) -> Iterator[tuple[lis
 
 
 @torch.inference_mode()
+def probabilities(
+    model: torch.nn.Module, files: list[Path], size: int, batch_size: int = 64
+) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Class probabilities (CLASSES order) of the readable files, those files, and a message per unreadable one."""
+    device = next(model.parameters(), torch.empty(0)).device
+    read, parts, failures = [], [np.empty((0, len(CLASSES)), np.float32)], []
+    for ok, images, errors in batches(files, size, batch_size):
+        failures += errors
+        if ok:
+            read += ok
+            parts.append(model(torch.from_numpy(images).to(device)).float().cpu().numpy())
+    return read, np.concatenate(parts), failures
+
+
 def classify(
     model: torch.nn.Module, files: list[Path], size: int, batch_size: int = 64
 ) -> tuple[pd.DataFrame, list[str]]:
     """Probabilities per readable file as an ISIC submission frame, and one message per unreadable file."""
-    device = next(model.parameters(), torch.empty(0)).device
-    rows, failures = [], []
-    for ok, images, errors in batches(files, size, batch_size):
-        failures += errors
-        if ok:
-            probs = model(torch.from_numpy(images).to(device)).float().cpu().numpy()
-            rows += [(p.stem, *(probs[i, CLASSES.index(c)] for c in ISIC_COLUMNS.values())) for i, p in enumerate(ok)]
-    return pd.DataFrame(rows, columns=["image", *ISIC_COLUMNS]), failures
+    read, probs, failures = probabilities(model, files, size, batch_size)
+    columns = [CLASSES.index(c) for c in ISIC_COLUMNS.values()]
+    frame = pd.DataFrame(probs[:, columns], columns=list(ISIC_COLUMNS))
+    frame.insert(0, "image", [p.stem for p in read])
+    return frame, failures
 
 
 def predict_files(inputs: list[Path], output: Path, model: torch.nn.Module, size: int) -> int:

@@ -4,6 +4,7 @@ and the served model logged and registered in MLflow."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +14,16 @@ from torch.utils.data import DataLoader
 
 from src.config import CLASSES, Params
 from src.fileio import write_json, write_text
-from src.ingest.rawdata import DataError
+from src.ingest.rawdata import DataError, image_path
 from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import apply_offsets, fit_offsets
 from src.learn.engine import predict, select_device
-from src.learn.inference import DECISION_FILE, load_trained, save_decision
+from src.learn.inference import DECISION_FILE, load_trained, probabilities, save_decision
 from src.learn.metrics import balanced_accuracy, confusion, full_metrics, roc_curves
 from src.learn.model import Classifier, Probabilities
+from src.tracking import registry
 from src.tracking import runs as tracking
+from src.tracking.models import load_from_mlflow
 from src.tracking.plots import confusion_png, roc_png
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,22 @@ def example_images(params: Params, image_size: int, n: int = 2) -> np.ndarray:
     return np.stack([split.dataset[i][0].numpy() for i in range(min(n, len(split.dataset)))])
 
 
+def score_registered(model_uri: str, params: Params, metric: str) -> float | None:
+    """A registered model's `test/...` metric on today's test split: its own decision rule, images decoded from
+    data/raw at its own size. None for a metric that this cannot recompute."""
+    if not metric.startswith("test/"):
+        return None
+    split = load_split(params.paths, "test")
+    model, size = load_from_mlflow(model_uri, tracking.tracking_uri(params.tracking))
+    files = [image_path(params.paths.raw, image_id) for image_id in split.frame["image_id"]]
+    _, probs, failures = probabilities(model, files, size, params.evaluate.batch_size)  # an export: on the CPU
+    if failures:
+        raise DataError(f"scoring {model_uri} on the test split: {len(failures)} unreadable images, e.g. {failures[0]}")
+    score = full_metrics(split.frame["label"].to_numpy(), probs).get(metric.removeprefix("test/"))
+    log.info("%s on today's test split (%d images at %d px): %s %s", model_uri, len(files), size, metric, score)
+    return score
+
+
 def evaluate(params: Params) -> dict[str, float]:
     """The evaluate stage: fit the decision on val, score it on test, log the served model and register it."""
     device = select_device(params.train.device)
@@ -135,7 +154,8 @@ def evaluate(params: Params) -> dict[str, float]:
         metrics |= split_metrics(served, params, name, image_size, device)
     write_json(params.paths.reports / "evaluate.json", {k: (None if np.isnan(v) else v) for k, v in metrics.items()})
     tracking.connect(params.tracking)
-    with tracking.run(run_id=ckpt.get("mlflow_run_id") or None, tags=tracking.provenance(params.paths)) as active:
+    provenance = tracking.provenance(params.paths)
+    with tracking.run(run_id=ckpt.get("mlflow_run_id") or None, tags=provenance) as active:
         tracking.log_metrics(metrics)
         for png in sorted(params.paths.reports.glob("*.png")):
             tracking.log_artifact(png, "evaluation")
@@ -144,8 +164,14 @@ def evaluate(params: Params) -> dict[str, float]:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")
             return metrics
         model_uri = tracking.log_model(served, example_images(params, image_size))
-        result = tracking.register(
-            model_uri, active.info.run_id, metrics, params.tracking, params.evaluate.promote_metric
+        metric = params.evaluate.promote_metric
+        rescore = partial(score_registered, params=params, metric=metric)
+        result = registry.register(model_uri, active.info.run_id, metrics, provenance, params.tracking, metric, rescore)
+        tracking.set_tags(
+            {
+                "registry.name": result["name"],
+                "registry.version": result["version"],
+                "registry.champion": result["promoted"],
+            }
         )
-        tracking.set_tags({"registry.version": result["version"], "registry.champion": result["promoted"]})
     return metrics

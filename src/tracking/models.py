@@ -19,8 +19,9 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module
         model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except (MlflowException, OSError) as err:
         raise UserError(
-            f"cannot load model {model_uri} from {tracking_uri}: {err}; run `dvc repro` to "
-            "train and register one, or pass --checkpoint models/best.pt"
+            f"cannot load model {model_uri} from {tracking_uri}: {err}; run `dvc repro` to train and register "
+            "one (models trained on synthetic data are registered as <name>-synthetic), or pass --checkpoint "
+            "models/best.pt"
         ) from None
     size = int(info.signature.inputs.inputs[0].shape[1])
     return model, size

@@ -1,4 +1,4 @@
-"""The one place that talks to MLflow: runs, params, metrics, provenance, models and the registry."""
+"""Talking to MLflow: runs, params, metrics, provenance and logged models (the registry is in registry.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # MLflow's advice for tabular data; our inputs are uint8 image tensors and local index files.
 warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-CHAMPION, CHALLENGER = "champion", "challenger"
 # Read once: mlflow.set_tracking_uri() writes this variable too, so a later read would see our own last URI.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
@@ -156,44 +155,6 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
         serialization_format="pt2",
     )
     return info.model_uri
-
-
-def _champion_score(client: MlflowClient, name: str, metric: str) -> float | None:
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-    value = champion.tags.get(metric)
-    return float(value) if value is not None else None
-
-
-def register(
-    model_uri: str, run_id: str, metrics: dict[str, float], tracking: TrackingParams, metric: str
-) -> dict[str, object]:
-    """Register a version, tag it, make it `challenger`, and `champion` if it beats the current one."""
-    client = MlflowClient()
-    if metric not in metrics:
-        raise TrackingError(
-            f"evaluate.promote_metric: {metric!r} is not a computed metric; choose one of {sorted(metrics)}"
-        )
-    version = mlflow.register_model(model_uri, tracking.registered_model, tags={"run_id": run_id}).version
-    for key, value in metrics.items():
-        client.set_model_version_tag(tracking.registered_model, version, key, f"{value:.6g}")
-    client.set_registered_model_alias(tracking.registered_model, CHALLENGER, version)
-    previous = _champion_score(client, tracking.registered_model, metric)
-    promoted = previous is None or metrics[metric] > previous
-    if promoted:
-        client.set_registered_model_alias(tracking.registered_model, CHAMPION, version)
-    log.info(
-        "registered %s version %s (%s %.4f; champion %s): %s",
-        tracking.registered_model,
-        version,
-        metric,
-        metrics[metric],
-        previous,
-        "promoted to champion" if promoted else "stays challenger",
-    )
-    return {"version": int(version), "promoted": promoted, "previous_champion_score": previous}
 
 
 def log_figure(fig, name: str) -> None:
