@@ -17,7 +17,9 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from src import predict
 from src.config import CLASSES
 from src.ingest.rawdata import DataError
 from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -157,6 +159,16 @@ def test_predict_reports_unreadable_files_and_goes_on(trained, synthetic_raw, tm
     assert list(frame.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     assert list(frame["image"]) == [good.stem]
     assert frame.iloc[0, 1:].sum() == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_without_a_tracking_store_says_so_and_creates_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # default params: tracking.uri sqlite:///mlflow.db, which does not exist here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("")
+    Image.new("RGB", (40, 30)).save(tmp_path / "lesion.jpg")
+    assert predict.main(["lesion.jpg", "-o", "out.csv"]) == 1
+    assert "no MLflow store at mlflow.db" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["lesion.jpg", "params.yaml"]  # no empty store, no half-written CSV
 
 
 def test_missing_cache_is_a_clear_error(prepared):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from src.errors import UserError
@@ -13,6 +15,12 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
+    store = Path(tracking_uri.removeprefix("sqlite:///"))
+    if tracking_uri.startswith("sqlite:///") and not store.exists():  # MLflow would create an empty store here
+        raise UserError(
+            f"no MLflow store at {store}: nothing has been registered yet; run `dvc repro` first, set "
+            "MLFLOW_TRACKING_URI, or pass --checkpoint models/best.pt"
+        )
     mlflow.set_tracking_uri(tracking_uri)
     try:
         info = mlflow.models.get_model_info(model_uri)

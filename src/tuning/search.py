@@ -29,14 +29,15 @@ def tune(
 ) -> optuna.Study:
     """Run, resume or join the study until it holds `trials` finished trials; report the best one."""
     check_space(params)
+    # tune.train_fraction subsamples the lesions and tune.image_size resizes the images while loading; loaded
+    # first, so that a missing split fails before any study or tracking store is created
+    data = load_train_data(trial_params(params, {}, params.tune), params.tune.image_size)
     study, created = open_study(params.tune, study_name, open_storage(storage))
     recorded = recorded_parent_run(study, created)  # a joiner waits: the creator also sets up the MLflow store
     dead = fail_dead_trials(study)
     tracking.connect(params.tracking)
     close_dead_trial_runs(dead)
     with study_run(study, params, storage, recorded) as parent_run_id:
-        # tune.train_fraction subsamples the lesions and tune.image_size resizes the images while loading
-        data = load_train_data(trial_params(params, {}, params.tune), params.tune.image_size)
         remaining = trials - count_finished(study)
         if remaining > 0:
             log.info(
