@@ -33,7 +33,7 @@ class PathsParams(Section):
 
 
 class DataParams(Section):
-    source: Source = "kaggle"
+    source: Source = "dataverse"  # public, no account needed; Kaggle wants an API token
     local_path: Path | None = None
     isic2018_test: bool = False
     image_size: int = Field(224, ge=16, le=1024)
