@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from src.config import Params
 from src.fileio import write_json
@@ -49,3 +55,45 @@ def make_tiny_params(root: Path) -> Params:
 def tiny_params(tmp_path) -> Params:
     """Params for a test_vit at 32 px writing everything under tmp_path."""
     return make_tiny_params(tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(db: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1 over the sqlite store `db` (artifacts proxied, under the db's folder);
+    returns when it answers /health."""
+    cmd = [
+        *(str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}"),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # its own process group: the server runs its workers as child processes, and stopping it must stop them all
+    proc = subprocess.Popen(
+        cmd, cwd=db.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return proc
+        except requests.RequestException:
+            time.sleep(0.5)
+    stop_mlflow_server(proc, signal.SIGKILL)
+    pytest.fail("mlflow server did not start within 120 s")
+
+
+def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Signal the server and its workers (SIGKILL: a crash), and wait until they are gone."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass

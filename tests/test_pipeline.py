@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import requests
 
 from src.config import TrackingParams
 from src.tracking.runs import TrackingError, connect
+from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
@@ -107,42 +107,12 @@ def test_champion_predicts_like_evaluate(pipeline):
         np.testing.assert_allclose(got[ours].to_numpy(), expected[theirs].to_numpy(), atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(pipeline):
-    port = _free_port()
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{pipeline / 'mlflow.db'}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    proc = subprocess.Popen(cmd, cwd=pipeline, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start within 120 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    port = free_port()
+    proc = start_mlflow_server(pipeline / "mlflow.db", port)
+    yield f"http://127.0.0.1:{port}"
+    stop_mlflow_server(proc)
 
 
 def test_server_shows_runs_metrics_and_registered_model(server):
@@ -183,5 +153,5 @@ def test_server_shows_runs_metrics_and_registered_model(server):
 def test_unreachable_tracking_server_fails_fast():
     start = time.time()
     with pytest.raises(TrackingError, match="unreachable"):
-        connect(TrackingParams(uri=f"http://127.0.0.1:{_free_port()}"))
+        connect(TrackingParams(uri=f"http://127.0.0.1:{free_port()}"))
     assert time.time() - start < 10

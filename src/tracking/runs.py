@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import pandas as pd
 import requests
 import torch
 import yaml
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -36,6 +38,17 @@ class TrackingError(UserError, RuntimeError):
     """The tracking server or store cannot be used."""
 
 
+OUTAGE = (MlflowException, requests.RequestException, OSError)  # what a tracking server that went away raises
+SYNC_KEY = "val/score"  # logged every epoch: which epochs a run holds
+# For an HTTP store: MLflow retries a failing request 7 times with backoff (minutes); a training epoch should not
+# wait that long for a server that is gone. Set by connect() unless the user set them.
+HTTP_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
 def tracking_uri(tracking: TrackingParams) -> str:
     """MLFLOW_TRACKING_URI wins over params, as MLflow users expect."""
     return USER_TRACKING_URI or tracking.uri
@@ -45,6 +58,8 @@ def connect(tracking: TrackingParams) -> str:
     """Point MLflow at the store and experiment; an unreachable server fails within seconds."""
     uri = tracking_uri(tracking)
     if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_RETRY_ENV.items():
+            os.environ.setdefault(key, value)
         try:
             requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
         except requests.RequestException as err:
@@ -110,8 +125,45 @@ def log_params(params: Params) -> None:
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-    """Per-epoch metrics, stepped by epoch."""
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
+    """Per-epoch metrics, stepped by epoch. A tracking outage does not stop training: the epoch is logged later
+    by sync_epochs, from the history the checkpoint keeps."""
+    try:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
+    except OUTAGE as err:
+        log.warning("epoch %d: not logged to MLflow (%s); training goes on, it is logged at the end", epoch, brief(err))
+
+
+def sync_epochs(run_id: str, history: list[dict]) -> int:
+    """Log the epochs of `history` that the run lacks (missed during an outage); returns how many were missing.
+
+    Raises TrackingError when the store is still unreachable: everything else is saved by then, and rerunning the
+    stage resumes from the finished checkpoint, so only this logging is repeated.
+    """
+    client = MlflowClient()
+    try:
+        logged = {m.step for m in client.get_metric_history(run_id, SYNC_KEY)}
+        missing = [h for h in history if h["epoch"] not in logged]
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, h["epoch"]) for h in missing for k, v in h.items() if k != "epoch"]
+        for start in range(0, len(rows), 1000):  # MLflow's batch limit
+            client.log_batch(run_id, metrics=rows[start : start + 1000])
+    except OUTAGE as err:
+        raise outage_error(err) from None
+    if missing:
+        log.info("logged %d epochs that MLflow had missed", len(missing))
+    return len(missing)
+
+
+def brief(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+def outage_error(err: BaseException) -> TrackingError:
+    return TrackingError(
+        f"MLflow tracking store {mlflow.get_tracking_uri()} is unreachable ({brief(err)}); models and reports are "
+        "saved. Start the tracking server and rerun `dvc repro`: training resumes from models/checkpoints/last.pt "
+        "without training again, and logs what MLflow missed"
+    )
 
 
 def log_metrics(metrics: dict[str, float]) -> None:
