@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from src.config import TrackingParams
+from src.errors import UserError
 from src.tracking.runs import TrackingError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,11 @@ def compare_with_champion(
         return Comparison(None, None, "no champion yet")
     if champion.tags.get("data.split_hash") == split_hash and metric in champion.tags:
         return Comparison(champion.version, float(champion.tags[metric]), "scored on this test split")
-    score = rescore(f"models:/{name}/{champion.version}")
+    try:
+        score = rescore(f"models:/{name}/{champion.version}")
+    except (UserError, MlflowException, OSError) as err:  # the new version is still registered, not promoted
+        log.warning("champion v%s could not be scored on this test split: %s", champion.version, err)
+        return Comparison(champion.version, None, f"could not be scored on this test split ({type(err).__name__})")
     how = "rescored on this test split" if score is not None else f"{metric} cannot be recomputed on this test split"
     return Comparison(champion.version, score, how)
 
