@@ -70,21 +70,36 @@ def start_mlflow_server(db: Path, port: int) -> subprocess.Popen:
         *(str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}"),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
     ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    return _start_healthy(cmd, db.parent, port, {})
+
+
+def start_model_server(model_uri: str, tracking_uri: str, cwd: Path, port: int) -> subprocess.Popen:
+    """`mlflow models serve` of a registered model, as the README runs it; returns when it answers /health."""
+    cmd = [
+        *(str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    bin_dir = str(Path(sys.executable).parent)  # an activated venv: the server runs uvicorn from it
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    return _start_healthy(cmd, cwd, port, {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": path})
+
+
+def _start_healthy(cmd: list[str], cwd: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **env}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     # its own process group: the server runs its workers as child processes, and stopping it must stop them all
-    proc = subprocess.Popen(
-        cmd, cwd=db.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
+    log = cwd / f"server-{port}.log"  # not a pipe: a server that logs every request would fill it and stall
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+    deadline = time.time() + 180  # generous: a busy 2-core machine starts a server slowly
+    while time.time() < deadline and proc.poll() is None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
                 return proc
         except requests.RequestException:
             time.sleep(0.5)
     stop_mlflow_server(proc, signal.SIGKILL)
-    pytest.fail("mlflow server did not start within 120 s")
+    pytest.fail(f"{' '.join(cmd[1:4])} did not start within 180 s: {log.read_text(errors='replace')[-2000:]}")
 
 
 def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:

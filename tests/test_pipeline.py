@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -16,9 +17,10 @@ import pandas as pd
 import pytest
 import requests
 
-from src.config import TrackingParams
+from src.config import CLASSES, TrackingParams
+from src.prepare.imaging import load_image
 from src.tracking.runs import TrackingError, connect
-from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
+from tests.conftest import free_port, start_mlflow_server, start_model_server, stop_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
@@ -148,6 +150,43 @@ def test_server_shows_runs_metrics_and_registered_model(server):
         f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"], "path": "evaluation"}, timeout=10
     ).json()
     assert any(f["path"].endswith("confusion_matrix.png") for f in artifacts.get("files", []))
+
+
+@pytest.fixture(scope="module")
+def served(pipeline, tmp_path_factory):
+    """`mlflow models serve` of the champion as the README runs it, from another folder than the repository (the
+    model carries the code it needs)."""
+    port = free_port()
+    elsewhere = tmp_path_factory.mktemp("serve")
+    store = f"sqlite:///{pipeline / 'mlflow.db'}"
+    proc = start_model_server("models:/hmnist-vit-synthetic@champion", store, elsewhere, port)
+    yield f"http://127.0.0.1:{port}/invocations"
+    stop_mlflow_server(proc)
+
+
+def test_served_model_takes_pixels_or_base64_files_and_answers_400_to_bad_input(pipeline, served):
+    expected = pd.read_csv(pipeline / "reports/predictions.csv").head(4)
+    files = [pipeline / "data/raw/images" / f"{image_id}.jpg" for image_id in expected["image_id"]]
+    encoded = [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]
+    pixels = np.stack([load_image(f, 32) for f in files])
+    for body in (
+        {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}},
+        {"inputs": {"image": encoded}},
+        {"inputs": pixels.tolist()},
+    ):
+        answer = requests.post(served, json=body, timeout=60)
+        assert answer.status_code == 200, answer.text
+        got = np.asarray(answer.json()["predictions"])
+        np.testing.assert_allclose(got, expected[list(CLASSES)].to_numpy(), atol=1e-5)
+
+    text = base64.b64encode(b"not an image").decode("ascii")
+    for body, says in (
+        ({"dataframe_split": {"columns": ["image"], "data": [[encoded[0]], [text]]}}, "row 1 of column 'image'"),
+        ({"dataframe_split": {"columns": ["image"], "data": [["%%%"]]}}, "not base64"),
+        ({"inputs": pixels[:, :16].tolist()}, "expected (N, 32, 32, 3)"),
+    ):
+        answer = requests.post(served, json=body, timeout=60)
+        assert answer.status_code == 400 and says in answer.json()["message"], answer.text
 
 
 def test_unreachable_tracking_server_fails_fast():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -111,8 +112,10 @@ def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw)
     decision.write_text(json.dumps(stale))  # a decision made for another model is not applied to this one
     assert not load_from_checkpoint(params.paths.models / "best.pt")[0].tta
     images = np.stack([load_image(f, size) for f in files])
-    served = mlflow.pyfunc.load_model(uri).predict(images)
-    np.testing.assert_allclose(np.asarray(served), expected[list(CLASSES)].to_numpy(), atol=1e-5)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    encoded = pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]})
+    for served in (pyfunc.predict(images), pyfunc.predict(encoded)):  # pixels, or the JPEG files as base64
+        np.testing.assert_allclose(np.asarray(served), expected[list(CLASSES)].to_numpy(), atol=1e-5)
 
     evaluate(params)  # the same model again: not better, so it is challenger and the champion stays
     challenger = client.get_model_version_by_alias(name, "challenger")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,8 +36,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: Path | str, size: int) -> np.ndarray:
-    """Decode an image file into a (size, size, 3) uint8 array; ImageReadError names the file."""
+def load_image(path: Path | str | BinaryIO, size: int) -> np.ndarray:
+    """Decode an image file (a path or an open binary file) into a (size, size, 3) uint8 array; ImageReadError
+    names the file."""
     try:
         with Image.open(path) as img:
             img.load()

@@ -10,10 +10,11 @@ from src.errors import UserError
 
 
 def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module, int]:
-    """The registered/logged model and its input size, read from the model's signature."""
+    """The registered/logged model (the torch module it serves) and its input size."""
     import mlflow
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
+
+    from src.tracking.serving import load_served
 
     store = Path(tracking_uri.removeprefix("sqlite:///"))
     if tracking_uri.startswith("sqlite:///") and not store.exists():  # MLflow would create an empty store here
@@ -23,13 +24,10 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module
         )
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        info = mlflow.models.get_model_info(model_uri)
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        return load_served(model_uri)
     except (MlflowException, OSError) as err:
         raise UserError(
             f"cannot load model {model_uri} from {tracking_uri}: {err}; run `dvc repro` to train and register "
             "one (models trained on synthetic data are registered as <name>-synthetic), or pass --checkpoint "
             "models/best.pt"
         ) from None
-    size = int(info.signature.inputs.inputs[0].shape[1])
-    return model, size

@@ -19,7 +19,6 @@ import torch
 import yaml
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from src.config import Params, PathsParams, TrackingParams, flatten
@@ -185,28 +184,17 @@ def log_artifact(path: Path, folder: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=folder)
 
 
-def _requirements() -> list[str]:
+def model_requirements() -> list[str]:
     import timm
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", "numpy"]
 
 
 def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
-    """Log the served model (uint8 NHWC images -> probabilities) with signature and example; returns its URI."""
-    import mlflow.pytorch
+    """Log the served model (uint8 images or base64 files in -> probabilities) with an input example; its URI."""
+    from src.tracking.serving import log_served_model
 
-    model = model.cpu().eval()
-    with torch.inference_mode():
-        output = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        input_example=example,
-        signature=infer_signature(example, output),
-        pip_requirements=_requirements(),
-        serialization_format="pt2",
-    )
-    return info.model_uri
+    return log_served_model(model, example, model_requirements())
 
 
 def log_figure(fig, name: str) -> None:

@@ -1,0 +1,159 @@
+"""The served MLflow model: images in, class probabilities out (columns in CLASSES order).
+
+It takes either a batch of uint8 images already at the model's size (`{"inputs": [N][S][S][3]}`, preprocessed like
+`src.prepare.imaging.load_image`) or encoded image files, base64 JPEG/PNG/any format Pillow reads, in a column
+`image` (`{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}`), which it decodes exactly as
+predict does. Bad input is an MLflow INVALID_PARAMETER_VALUE error, which `mlflow models serve` answers with a 400
+naming the row and what is wrong. The model it runs is the exported `Probabilities` module (pt2), kept inside as
+an `mlflow.pytorch` model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from PIL import Image
+
+from src.prepare.imaging import ImageReadError, load_image
+
+IMAGE_COLUMN = "image"
+SRC = Path(__file__).resolve().parents[1]  # the package travels with the model, so any server can unpickle it
+
+
+def bad_input(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def decode_image(value: object, row: int, size: int) -> np.ndarray:
+    """One encoded image (base64 text, or bytes as MLflow hands over a binary column) -> (size, size, 3) uint8."""
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_input(f"row {row} of column '{IMAGE_COLUMN}': not base64 text; send base64 JPEG/PNG") from None
+    if not isinstance(value, bytes | bytearray):
+        raise bad_input(f"row {row} of column '{IMAGE_COLUMN}': {type(value).__name__}, expected base64 JPEG/PNG")
+    try:
+        return load_image(io.BytesIO(value), size)
+    except ImageReadError as err:
+        reason = str(err).split(": ", 1)[-1]
+        raise bad_input(f"row {row} of column '{IMAGE_COLUMN}': {reason}") from None
+
+
+def check_pixels(images: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 NHWC batch at the model's size, or a clear error."""
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise bad_input(f"pixel input of shape {images.shape}: expected (N, {size}, {size}, 3) uint8 images")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.number) or images.min() < 0 or images.max() > 255:
+            raise bad_input("pixel input: values must be integers in 0..255")
+        images = images.astype(np.uint8)
+    return images
+
+
+def to_pixels(model_input: object, size: int) -> np.ndarray:
+    """Whatever the server parsed (DataFrame, dict of columns, array) -> a uint8 NHWC batch."""
+    if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+        model_input = pd.DataFrame({IMAGE_COLUMN: list(np.atleast_1d(model_input[IMAGE_COLUMN]))})
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise bad_input(f"columns {list(model_input.columns)}: send encoded images in a column '{IMAGE_COLUMN}'")
+        column = model_input[IMAGE_COLUMN]
+        if column.empty:
+            raise bad_input(f"column '{IMAGE_COLUMN}' is empty")
+        return np.stack([decode_image(value, row, size) for row, value in enumerate(column)])
+    try:
+        images = np.asarray(model_input)
+    except ValueError:
+        raise bad_input(f"pixel input is ragged: expected (N, {size}, {size}, 3) uint8 images") from None
+    return check_pixels(images, size)
+
+
+class ServedImages(mlflow.pyfunc.PythonModel):
+    """The pyfunc that `mlflow models serve` runs; `model` is the exported Probabilities module."""
+
+    # predict takes pixels or encoded files, which no single type hint describes; without this MLflow warns about
+    # the missing hint in every process that imports this class (predict, evaluate)
+    _skip_type_hint_validation = True
+
+    def __init__(self, size: int):
+        self.size = size
+        self.model = None
+
+    def load_context(self, context) -> None:
+        import mlflow.pytorch
+
+        self.model = mlflow.pytorch.load_model(context.artifacts["probabilities"], map_location="cpu")
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        images = to_pixels(model_input, self.size)
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(images)).numpy()
+
+
+def encoded_examples(images: np.ndarray) -> pd.DataFrame:
+    """The input example: the images as base64 PNG, the form a client most likely sends."""
+
+    def png(image: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    return pd.DataFrame({IMAGE_COLUMN: [png(image) for image in images]})
+
+
+def log_served_model(model: torch.nn.Module, example: np.ndarray, requirements: list[str]) -> str:
+    """Log the served model (see the module docstring) to the active run; returns its URI.
+
+    No signature: one signature cannot say "pixels or encoded files", and MLflow would refuse the other form. What
+    each form must look like is checked by `to_pixels` instead, and the input size is in the model's metadata.
+    """
+    import mlflow.pytorch
+
+    model = model.cpu().eval()
+    size = int(example.shape[1])
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example)).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = Path(tmp) / "probabilities"
+        mlflow.pytorch.save_model(  # pt2 export traces with the example: it needs a batch >= 2
+            model,
+            exported,
+            input_example=example,
+            signature=infer_signature(example, output),
+            pip_requirements=requirements,
+            serialization_format="pt2",
+        )
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=ServedImages(size),
+            artifacts={"probabilities": str(exported)},
+            code_paths=[str(SRC)],
+            input_example=encoded_examples(example),
+            signature=False,
+            pip_requirements=requirements,
+            metadata={"image_size": size, "input": f"uint8 (N, {size}, {size}, 3) or column '{IMAGE_COLUMN}' base64"},
+        )
+    return info.model_uri
+
+
+def load_served(model_uri: str) -> tuple[torch.nn.Module, int]:
+    """The torch module and input size of a logged model: this module's pyfunc, or an older plain pytorch one."""
+    import mlflow.pytorch
+
+    info = mlflow.models.get_model_info(model_uri)
+    if "pytorch" in info.flavors:  # registered before encoded input was served
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu"), int(info.signature.inputs.inputs[0].shape[1])
+    served = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return served.model, served.size
