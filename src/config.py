@@ -115,6 +115,9 @@ class TrainParams(Section):
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="layer-wise lr decay for fine-tuning: block k of n gets lr * decay^(n - k)"
     )
+    freeze_blocks: int = Field(
+        0, ge=0, description="fine-tuning: freeze the patch embedding and the first N ViT blocks (no backward there)"
+    )
     ema_decay: float | None = Field(
         None, gt=0, lt=1, description="keep an EMA of the weights; each epoch the better of EMA and raw on val is kept"
     )

@@ -20,7 +20,7 @@ from src.benchmark.options import BenchOptions
 from src.config import Params, TrainParams
 from src.errors import UserError
 from src.learn.engine import Schedule, autocast, make_optimizer, seed_everything, train_one_epoch
-from src.learn.model import Classifier, build_model
+from src.learn.model import Classifier, build_model, freeze_early
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def prepared_model(params: Params, size: int, device: torch.device) -> Classifie
     """The model as run_training prepares it (seeded, on the device, channels_last when configured)."""
     seed_everything(params.train.seed)
     model = build_model(params.model, size).to(device)
+    freeze_early(model, params.train.freeze_blocks)
     return model.to(memory_format=torch.channels_last) if params.train.channels_last else model
 
 

@@ -25,7 +25,7 @@ from src.learn.data import (
     train_transform,
 )
 from src.learn.engine import EpochCallback, FitResult, fit, seed_everything, select_device
-from src.learn.model import Classifier, build_model
+from src.learn.model import Classifier, build_model, freeze_early
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = (
@@ -119,6 +119,7 @@ def run_training(
     device = configure_threads(params)
     seed_everything(params.train.seed)
     model = build_model(params.model, data.image_size).to(device)
+    freeze_early(model, params.train.freeze_blocks)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if params.train.compile else model

@@ -71,3 +71,40 @@ def test_weights_made_at_224_px_load_at_another_size_with_resampled_position_emb
     assert torch.equal(model.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight)
     assert model.backbone.head.out_features == 7  # the 1000-class head is dropped, a 7-class head made
     assert model(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_frozen_early_blocks_do_not_move_and_get_no_gradient(layer_decay):
+    from src.config import TrainParams
+    from src.learn.engine import make_optimizer
+    from src.learn.model import freeze_early
+
+    torch.manual_seed(0)
+    model = build_model(TINY.model_copy(update={"dropout": 0.0, "drop_path": 0.0}), 32)
+    freeze_early(model, 2)
+    vit = model.backbone
+    frozen = [vit.patch_embed, vit.blocks[0], vit.blocks[1]]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train = TrainParams(lr=1e-2, layer_decay=layer_decay)
+    optimizer = make_optimizer(model, train, torch.device("cpu"))
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    nn.functional.cross_entropy(model(images), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+
+    for name, p in model.named_parameters():
+        is_frozen = any(p is q for m in frozen for q in m.parameters()) or name.endswith(("cls_token", "pos_embed"))
+        assert p.requires_grad != is_frozen and (id(p) in in_optimizer) != is_frozen, name
+        assert (p.grad is None) == is_frozen, name
+        assert torch.equal(p, before[name]) == is_frozen, name  # frozen stay put; every other weight moved
+
+
+def test_freezing_more_blocks_than_there_are_or_a_non_vit_is_a_clear_error():
+    from src.learn.model import freeze_early
+
+    with pytest.raises(ModelError, match="train.freeze_blocks: 7 is more than the model's 6 blocks"):
+        freeze_early(build_model(TINY, 32), 7)
+    resnet = build_model(ModelParams(name="resnet10t", pretrained=False), 32)
+    with pytest.raises(ModelError, match="train.freeze_blocks: ResNet is not a ViT"):
+        freeze_early(resnet, 1)
+    freeze_early(resnet, 0)  # nothing asked, nothing checked
