@@ -22,6 +22,8 @@ from PIL import Image
 
 from src import predict
 from src.config import CLASSES
+from src.fileio import write_json
+from src.ingest.download import SOURCE_FILE
 from src.ingest.rawdata import DataError
 from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from src.learn.inference import ISIC_COLUMNS, classify, load_from_checkpoint, load_trained, predict_files
@@ -148,6 +150,56 @@ def test_a_champion_scored_on_another_test_split_is_rescored_on_this_one(trained
     assert challenger.tags["promotion"] == (
         f"test/balanced_accuracy {score} does not beat champion v1 {score} (rescored on this test split)"
     )
+
+
+def test_the_readme_path_ends_with_the_real_model_as_champion_and_predict_uses_it(
+    trained, synthetic_raw, tmp_path, monkeypatch
+):
+    """The README's order: the synthetic try-out first, then real data (here: a HAM10000-layout folder given as
+    `data.source: local`). The real model is champion under the real name and predict's default uses it."""
+    first, _ = trained
+    tracking = first.tracking.model_copy(update={"registered_model": "readme"})  # the run's store, a fresh name
+    tryout = make_tiny_params(tmp_path / "tryout")
+    shutil.copytree(first.paths.models, tryout.paths.models)
+    tryout_paths = tryout.paths.model_copy(update={"raw": synthetic_raw})
+    tryout = tryout.model_copy(update={"paths": tryout_paths, "tracking": tracking})
+    split(synthetic_raw, tryout.split, tryout.data, tryout.paths)
+    evaluate(tryout)  # the try-out's model: champion of readme-synthetic
+
+    real_raw = tmp_path / "ham10000"
+    shutil.copytree(synthetic_raw, real_raw)
+    write_json(real_raw / SOURCE_FILE, {"source": "local"})  # as the download stage records a folder on disk
+    real = make_tiny_params(tmp_path / "real")
+    real = real.model_copy(
+        update={
+            "paths": real.paths.model_copy(update={"raw": real_raw}),
+            "data": real.data.model_copy(update={"source": "local"}),
+            "train": real.train.model_copy(update={"seed": 7}),  # other weights than the try-out's
+            "tracking": tracking,
+        }
+    )
+    split(real_raw, real.split, real.data, real.paths)
+    train(real)
+    evaluate(real)
+
+    client = MlflowClient(tracking.uri)
+    real_run = load_checkpoint(real.paths.models / "best.pt")["mlflow_run_id"]
+    champion = client.get_model_version_by_alias("readme", "champion")
+    assert champion.run_id == real_run and champion.tags["data.source"] == "local"
+    assert client.get_model_version_by_alias("readme-synthetic", "champion").run_id != real_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"tracking": {"uri": tracking.uri, "registered_model": "readme"}})
+    )
+    expected = pd.read_csv(real.paths.reports / "predictions.csv").head(5)
+    files = [str(real_raw / "images" / f"{image_id}.jpg") for image_id in expected["image_id"]]
+    assert predict.main([*files, "-o", "submission.csv"]) == 0  # no --model: the champion
+    got = pd.read_csv("submission.csv").set_index("image").loc[expected["image_id"]]
+    for ours, theirs in ISIC_COLUMNS.items():
+        np.testing.assert_allclose(got[ours], expected[theirs], atol=1e-5)
+    tryout_expected = pd.read_csv(tryout.paths.reports / "predictions.csv").set_index("image_id")
+    assert not np.allclose(got["MEL"], tryout_expected.loc[expected["image_id"], "mel"], atol=1e-3)
 
 
 def test_predict_reports_unreadable_files_and_goes_on(trained, synthetic_raw, tmp_path):
