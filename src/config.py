@@ -150,6 +150,9 @@ class EvaluateParams(Section):
     prior_correction: bool = Field(
         False, description="per-class logit offsets fitted on val for balanced accuracy, stored with the model"
     )
+    calibrate: bool = Field(
+        True, description="temperature scaling fitted on val (NLL), stored with the model: calibrated probabilities"
+    )
 
 
 class TrackingParams(Section):

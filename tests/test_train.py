@@ -74,13 +74,28 @@ def test_train_writes_model_reports_and_mlflow_run(trained):
 
 def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw):
     params, _ = trained
-    decision = {"tta": True, "prior_correction": True}  # both parts of the rule, so all three paths must apply them
+    decision = {"tta": True, "prior_correction": True}  # every part of the rule, so all three paths must apply them
     params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update=decision)})
     metrics = evaluate(params)
     assert {"test/balanced_accuracy", "test/macro_roc_auc", "test/melanoma_sensitivity"} <= set(metrics)
     assert {"test/balanced_accuracy_no_correction", "test/balanced_accuracy_no_tta_no_correction"} <= set(metrics)
     assert metrics["decision/tta"] == 1.0
-    for name in ("evaluate.json", "confusion.csv", "roc.csv", "confusion_matrix.png", "roc_curves.png"):
+    # calibration: a temperature fitted on val (a 2-epoch model is far from calibrated), lowering val NLL's ECE
+    temperature = json.loads((params.paths.models / "decision.json").read_text())["temperature"]
+    assert temperature == metrics["decision/temperature"] and temperature != 1.0
+    assert metrics["decision/val_ece"] <= metrics["decision/val_ece_uncalibrated"]
+    assert {"test/ece", "test/ece_uncalibrated", "test/brier", "test/brier_uncalibrated"} <= set(metrics)
+    calibration = pd.read_csv(params.paths.reports / "calibration.csv")
+    assert set(calibration["probabilities"]) == {"uncalibrated", "calibrated"}
+    assert calibration.groupby("probabilities")["count"].sum().tolist() == [metrics["test/images"]] * 2
+    for name in (
+        "evaluate.json",
+        "confusion.csv",
+        "roc.csv",
+        "confusion_matrix.png",
+        "roc_curves.png",
+        "reliability.png",
+    ):
         assert (params.paths.reports / name).stat().st_size > 0
     client = MlflowClient(params.tracking.uri)
     name = f"{params.tracking.registered_model}-synthetic"  # trained on synthetic data

@@ -62,7 +62,7 @@ def load_decision(checkpoint: Path, ckpt: dict) -> dict:
     decision = read_json(Path(checkpoint).parent / DECISION_FILE)
     if decision.get("checkpoint") != checkpoint_id(ckpt):
         return {"tta": False, "offsets": None}
-    return decision
+    return {"temperature": 1.0} | decision  # decisions saved before calibration have no temperature
 
 
 def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
@@ -71,9 +71,12 @@ def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
     model, ckpt = load_trained(path)
     decision = load_decision(path, ckpt)
     if decision["offsets"] is None:
-        log.warning("no %s for %s (run evaluate): plain probabilities, no TTA or prior correction", DECISION_FILE, path)
+        log.warning(
+            "no %s for %s (run evaluate): plain probabilities, no TTA, calibration or correction", DECISION_FILE, path
+        )
     offsets = None if decision["offsets"] is None else torch.tensor(decision["offsets"])
-    return Probabilities(model, decision["tta"], offsets).eval(), int(ckpt["config"]["data"]["image_size"])
+    served = Probabilities(model, decision["tta"], offsets, decision.get("temperature", 1.0))
+    return served.eval(), int(ckpt["config"]["data"]["image_size"])
 
 
 def batches(files: list[Path], size: int, batch_size: int) -> Iterator[tuple[list[Path], np.ndarray, list[str]]]:

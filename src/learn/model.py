@@ -40,29 +40,62 @@ def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
     return rotations + [r.flip(2) for r in rotations]
 
 
+def combine_views(view_logits: torch.Tensor, temperature: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(N, views, classes) logits -> probabilities: softmax(logits / temperature) averaged over the views, then the
+    per-class log-offsets (softmax(log p + offset)). The served model and evaluate's numbers both come from here."""
+    probs = (view_logits.float() / temperature).softmax(dim=-1).mean(dim=1)
+    return (probs.clamp_min(1e-12).log() + offsets).softmax(dim=-1)
+
+
 class Probabilities(nn.Module):
     """The served form: uint8 NHWC images -> class probabilities (columns in CLASSES order).
 
     It holds the whole decision that evaluate measured: test-time augmentation (the mean of the softmax over the
-    8 dihedral views) and per-class log-offsets fitted on val (softmax(log p + offset)). Evaluate, the MLflow
-    model, serving and predict all run this one module, so they return the same probabilities.
+    8 dihedral views), a temperature fitted on val (calibrated confidence) and per-class log-offsets fitted on val.
+    Evaluate, the MLflow model, serving and predict all run this one module, so they return the same probabilities.
     """
 
-    def __init__(self, classifier: Classifier, tta: bool = False, offsets: torch.Tensor | None = None):
+    def __init__(
+        self,
+        classifier: Classifier,
+        tta: bool = False,
+        offsets: torch.Tensor | None = None,
+        temperature: float = 1.0,
+    ):
         super().__init__()
         self.classifier = classifier
         self.tta = tta
         offsets = torch.zeros(len(CLASSES)) if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
         self.register_buffer("offsets", offsets.clone())
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def view_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, views, classes): the logits of each view the decision averages (1 view without TTA)."""
+        views = dihedral_views(images) if self.tta else [images]
+        return torch.stack([self.classifier(v).float() for v in views], dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        views = dihedral_views(images) if self.tta else [images]
-        probs = torch.stack([self.classifier(v).float().softmax(dim=-1) for v in views]).mean(dim=0)
-        return (probs.clamp_min(1e-12).log() + self.offsets).softmax(dim=-1)
+        return combine_views(self.view_logits(images), self.temperature, self.offsets)
 
     def decision(self) -> dict:
         """The rule as plain values, for checkpoints and reports."""
-        return {"tta": self.tta, "offsets": [round(float(v), 4) for v in self.offsets]}
+        return {
+            "tta": self.tta,
+            "temperature": round(float(self.temperature), 4),
+            "offsets": [round(float(v), 4) for v in self.offsets],
+        }
+
+
+class AllViews(nn.Module):
+    """The logits of all 8 dihedral views, (N, 8, classes): evaluate's one pass over a split, from which the plain,
+    TTA, calibrated and corrected probabilities all follow (view 0 is the image as it is)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.served = Probabilities(classifier, tta=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.served.view_logits(images)
 
 
 def _create(params: ModelParams, image_size: int, pretrained: bool) -> nn.Module:

@@ -15,16 +15,17 @@ from torch.utils.data import DataLoader
 from src.config import CLASSES, Params
 from src.fileio import write_json, write_text
 from src.ingest.rawdata import DataError, image_path
+from src.learn.calibration import brier_score, expected_calibration_error, fit_temperature, reliability, served_probs
 from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import apply_offsets, fit_offsets
 from src.learn.engine import predict, select_device
 from src.learn.inference import DECISION_FILE, load_trained, probabilities, save_decision
 from src.learn.metrics import balanced_accuracy, confusion, full_metrics, roc_curves
-from src.learn.model import Classifier, Probabilities
+from src.learn.model import AllViews, Classifier, Probabilities
 from src.tracking import registry
 from src.tracking import runs as tracking
 from src.tracking.models import load_from_mlflow
-from src.tracking.plots import confusion_png, roc_png
+from src.tracking.plots import confusion_png, reliability_png, roc_png
 
 log = logging.getLogger(__name__)
 ISIC_TEST = "isic2018_test"
@@ -49,56 +50,102 @@ def split_loader(params: Params, name: str, image_size: int, device: torch.devic
     return split, make_loader(split.dataset, params.evaluate.batch_size, device, params.train.num_workers)
 
 
+def view_logits(classifier: Classifier, params: Params, name: str, image_size: int, device: torch.device):
+    """One pass over a split: the logits of all 8 views (N, 8, classes), the labels and the split."""
+    split, loader = split_loader(params, name, image_size, device)
+    logits, labels = predict(AllViews(classifier), loader, device, softmax=False)
+    return logits, labels, split
+
+
 def fit_decision(
     classifier: Classifier, params: Params, image_size: int, device: torch.device
 ) -> tuple[Probabilities, dict[str, float]]:
-    """The served model: TTA when asked (or, for `auto`, when it helps on val) and the prior correction
-    fitted on the val split; with metrics (decision/) that say what each part did on val."""
-    _, loader = split_loader(params, "val", image_size, device)
-    plain, labels = predict(Probabilities(classifier), loader, device, softmax=False)
-    tta, _ = predict(Probabilities(classifier, tta=True), loader, device, softmax=False)
-    bacc = {"plain": balanced_accuracy(labels, plain), "tta": balanced_accuracy(labels, tta)}
+    """The served model, fitted on the val split: TTA when asked (or, for `auto`, when it helps on val), the
+    temperature (when `evaluate.calibrate`), then the prior correction; with metrics (decision/) that say what
+    each part did on val."""
+    logits, labels, _ = view_logits(classifier, params, "val", image_size, device)
+    bacc = {
+        "plain": balanced_accuracy(labels, served_probs(logits[:, :1])),
+        "tta": balanced_accuracy(labels, served_probs(logits)),
+    }
     use_tta = bacc["tta"] > bacc["plain"] if params.evaluate.tta == "auto" else bool(params.evaluate.tta)
-    probs = tta if use_tta else plain
+    logits = logits if use_tta else logits[:, :1]
+    temperature = fit_temperature(logits, labels) if params.evaluate.calibrate else 1.0
+    probs = served_probs(logits, temperature)
     offsets = fit_offsets(probs, labels) if params.evaluate.prior_correction else np.zeros(len(CLASSES))
-    served = Probabilities(classifier, tta=use_tta, offsets=torch.tensor(offsets, dtype=torch.float32))
+    served = Probabilities(classifier, use_tta, torch.tensor(offsets, dtype=torch.float32), temperature)
     bacc["corrected"] = balanced_accuracy(labels, apply_offsets(probs, offsets))
+    uncalibrated = served_probs(logits)
+    calibration = {
+        "ece_uncalibrated": expected_calibration_error(uncalibrated, labels),
+        "ece": expected_calibration_error(probs, labels),
+    }
     log.info(
-        "val balanced accuracy: plain %.4f, TTA %.4f (%s), with prior correction %.4f (fitted here); offsets %s",
+        "val: balanced accuracy plain %.4f, TTA %.4f (%s), with prior correction %.4f (fitted here; offsets %s); "
+        "temperature %.3f: ECE %.4f -> %.4f",
         bacc["plain"],
         bacc["tta"],
         "used" if use_tta else "not used",
         bacc["corrected"],
         served.decision()["offsets"],
+        temperature,
+        calibration["ece_uncalibrated"],
+        calibration["ece"],
     )
-    metrics = {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()} | {"decision/tta": float(use_tta)}
+    metrics = {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()}
+    metrics |= {f"decision/val_{k}": v for k, v in calibration.items()}
+    metrics |= {"decision/tta": float(use_tta), "decision/temperature": temperature}
     return served, metrics | {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, offsets, strict=True)}
 
 
 def split_metrics(served: Probabilities, params: Params, name: str, image_size: int, device: torch.device) -> dict:
-    """Metrics, predictions CSV and plots for one split with the served decision; returns metrics under the
-    split's prefix, plus balanced accuracy without the prior correction and without TTA."""
-    split, loader = split_loader(params, name, image_size, device)
-    probs, labels = predict(served, loader, device, softmax=False)
-    uncorrected = apply_offsets(probs, -served.offsets.cpu().numpy())
-    # without TTA the uncorrected probabilities are the plain ones: no second pass over the split
-    plain = predict(Probabilities(served.classifier), loader, device, softmax=False)[0] if served.tta else uncorrected
+    """Metrics, predictions CSV and plots for one split with the served decision, from one pass over its 8 views;
+    returns metrics under the split's prefix, with balanced accuracy without the prior correction and without
+    TTA, and calibration (ECE, Brier) with and without the temperature."""
+    logits, labels, split = view_logits(served.classifier, params, name, image_size, device)
+    served_logits = logits if served.tta else logits[:, :1]
+    temperature, offsets = float(served.temperature), served.offsets.cpu().numpy()
+    probs = served_probs(served_logits, temperature, offsets)
+    uncalibrated = served_probs(served_logits)
     metrics = full_metrics(labels, probs) | {
-        "balanced_accuracy_no_correction": balanced_accuracy(labels, uncorrected),
-        "balanced_accuracy_no_tta_no_correction": balanced_accuracy(labels, plain),
+        "balanced_accuracy_no_correction": balanced_accuracy(labels, served_probs(served_logits, temperature)),
+        "balanced_accuracy_no_tta_no_correction": balanced_accuracy(labels, served_probs(logits[:, :1])),
+        "ece": expected_calibration_error(probs, labels),
+        "ece_uncalibrated": expected_calibration_error(uncalibrated, labels),
+        "brier": brier_score(probs, labels),
+        "brier_uncalibrated": brier_score(uncalibrated, labels),
     }
     write_split_reports(split.frame, labels, probs, metrics, params.paths.reports, name)
+    write_calibration_reports(labels, uncalibrated, probs, params.paths.reports, name)
     log.info(
-        "%s: balanced accuracy %.4f (no prior correction %.4f, plain %.4f), accuracy %.4f, macro AUC %.4f (%d images)",
+        "%s: balanced accuracy %.4f (no prior correction %.4f, plain %.4f), accuracy %.4f, macro AUC %.4f, "
+        "ECE %.4f (uncalibrated %.4f) (%d images)",
         name,
         metrics["balanced_accuracy"],
         metrics["balanced_accuracy_no_correction"],
         metrics["balanced_accuracy_no_tta_no_correction"],
         metrics["accuracy"],
         metrics["macro_roc_auc"],
+        metrics["ece"],
+        metrics["ece_uncalibrated"],
         len(labels),
     )
     return {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/images": len(labels)}
+
+
+def write_calibration_reports(
+    labels: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray, reports: Path, name: str
+) -> None:
+    """The reliability diagram's bins as CSV (DVC plots) and as a PNG, before and after the temperature."""
+    suffix = "" if name == "test" else f"_{name}"
+    tables = {"uncalibrated": reliability(uncalibrated, labels), "calibrated": reliability(calibrated, labels)}
+    frame = pd.concat([t.assign(probabilities=k) for k, t in tables.items()], ignore_index=True)
+    write_text(reports / f"calibration{suffix}.csv", frame.to_csv(index=False))
+    eces = {
+        k: expected_calibration_error(p, labels)
+        for k, p in (("uncalibrated", uncalibrated), ("calibrated", calibrated))
+    }
+    reliability_png(tables, eces, reports / f"reliability{suffix}.png", f"{name}: reliability ({len(labels)} images)")
 
 
 def write_split_reports(

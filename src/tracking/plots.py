@@ -56,3 +56,15 @@ def roc_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], aucs: dict[str, fl
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
+
+
+def reliability_png(tables: dict, eces: dict[str, float], path: Path, title: str) -> None:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, one line per set of
+    probabilities (before and after the temperature); the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    for name, table in tables.items():
+        ax.plot(table["confidence"], table["accuracy"], "o-", ms=3, label=f"{name} (ECE {eces[name]:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class)", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

@@ -53,7 +53,7 @@ def compare_with_champion(
     except MlflowException:
         return Comparison(None, None, "no champion yet")
     if champion.tags.get("data.split_hash") == split_hash and metric in champion.tags:
-        return Comparison(champion.version, float(champion.tags[metric]), "scored on this test split")
+        return Comparison(champion.version, _full_precision(client, champion, metric), "scored on this test split")
     try:
         score = rescore(f"models:/{name}/{champion.version}")
     except (UserError, MlflowException, OSError) as err:  # the new version is still registered, not promoted
@@ -61,6 +61,15 @@ def compare_with_champion(
         return Comparison(champion.version, None, f"could not be scored on this test split ({type(err).__name__})")
     how = "rescored on this test split" if score is not None else f"{metric} cannot be recomputed on this test split"
     return Comparison(champion.version, score, how)
+
+
+def _full_precision(client: MlflowClient, version, metric: str) -> float:
+    """The champion's metric as its run logged it: the version tag is rounded for display, and comparing with a
+    rounded score would let the same model, evaluated again, "beat" itself."""
+    try:
+        return float(client.get_run(version.run_id).data.metrics[metric])
+    except (MlflowException, KeyError):
+        return float(version.tags[metric])
 
 
 def promotion(new: float, champion: Comparison, metric: str) -> tuple[bool, str]:
