@@ -16,6 +16,7 @@ from src.config import CLASSES, Params
 from src.fileio import write_json, write_text
 from src.ingest.rawdata import DataError, image_path
 from src.learn.calibration import brier_score, expected_calibration_error, fit_temperature, reliability, served_probs
+from src.learn.confusions import top_confusions
 from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import apply_offsets, fit_offsets
 from src.learn.engine import predict, select_device
@@ -155,6 +156,7 @@ def write_split_reports(
     suffix = "" if name == "test" else f"_{name}"
     preds = predictions_frame(frame, probs)
     write_text(reports / f"predictions{suffix}.csv", preds.to_csv(index=False))
+    write_text(reports / f"confusions{suffix}.csv", top_confusions(preds).to_csv(index=False))
     write_text(
         reports / f"confusion{suffix}.csv",
         preds.rename(columns={"dx": "actual"})[["actual", "predicted"]].to_csv(index=False),
@@ -206,7 +208,8 @@ def evaluate(params: Params) -> dict[str, float]:
         tracking.log_metrics(metrics)
         for png in sorted(params.paths.reports.glob("*.png")):
             tracking.log_artifact(png, "evaluation")
-        tracking.log_artifact(params.paths.reports / "evaluate.json", "evaluation")
+        for table in ("evaluate.json", "confusions.csv", "calibration.csv"):
+            tracking.log_artifact(params.paths.reports / table, "evaluation")
         if not params.tracking.log_model:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")
             return metrics
