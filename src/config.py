@@ -126,6 +126,9 @@ class TrainParams(Section):
     train_fraction: float = Field(1.0, gt=0, le=1, description="use a lesion-stratified fraction (tuning)")
     augment: AugmentParams = AugmentParams()
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="training compute: auto = bf16 where the device has native bf16 (CUDA, AMX/AVX512-BF16)"
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads; null = all cores")
     num_workers: int | None = Field(None, ge=0, description="loader workers; null = chosen for the device")
     channels_last: bool = False

@@ -27,6 +27,7 @@ from src.benchmark.naive import measure_naive
 from src.benchmark.options import BenchOptions
 from src.config import Params
 from src.learn.data import default_workers
+from src.learn.precision import cpu_features, resolve_precision
 from src.learn.training import configure_threads
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ def bench_config(params: Params, device: torch.device, opts: BenchOptions, sourc
         "n_images": n_images,
         "torch": torch.__version__,
         "loadavg_1m": round(loadavg(), 2),
-        "autocast": "bf16" if device.type == "cuda" else "none",
+        "precision": resolve_precision(train.precision, device),
+        "cpu_features": cpu_features(),
         "ceiling_dtype": "bf16" if device.type == "cuda" else "fp32",
         "inference_device": "cpu",
         "python": platform.python_version(),

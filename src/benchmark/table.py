@@ -106,9 +106,17 @@ def format_table(result: dict) -> str:
     head = (
         f"{c['model']} at {c['image_size']} px, batch {c['batch_size']}, {c['device']} ({c['device_name']}), "
         f"{c['threads']} threads, {c['workers']} workers, {c['n_images']} images ({c['images']}), "
-        f"{c['steps']} steps, torch {c['torch']}"
+        f"{c['steps']} steps, torch {c['torch']}, training in {c.get('precision', 'fp32')} "
+        f"(native bf16: {native_bf16_text(c)})"
     )
     width = max(len(row[0]) for row in rows)
     lines = [head, f"{'measure':<{width}}  {'value':>9}  {'unit':<8}  note"]
     lines += [f"{name:<{width}}  {value:>9}  {unit:<8}  {note}".rstrip() for name, value, unit, note in rows]
     return "\n".join(lines)
+
+
+def native_bf16_text(config: dict) -> str:
+    """What the CPU offers for bf16, as the bench recorded it (CUDA: see the device name)."""
+    features = config.get("cpu_features") or {}
+    units = [name for name in ("amx_tile", "avx512_bf16") if features.get(name)]
+    return ", ".join(units) if units else "none on this CPU"

@@ -7,7 +7,6 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from src.config import CLASSES, TrainParams
 from src.errors import UserError
 from src.learn.checkpoint import save_checkpoint
 from src.learn.metrics import summary_metrics
+from src.learn.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "register_tokens")
@@ -46,11 +46,6 @@ def select_device(name: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; the same loop body runs unchanged under a null context on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -135,6 +130,7 @@ def train_one_epoch(
     after every optimizer step.
     """
     model.train()
+    precision = resolve_precision(train.precision, device)
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no per-step sync
     norm_sum = torch.zeros((), device=device)
     seen, updates, start = 0, 0, time.perf_counter()
@@ -144,7 +140,7 @@ def train_one_epoch(
         targets = labels
         if mixer is not None:
             images, targets = mix_batch(mixer, images, labels)
-        with autocast(device):
+        with autocast(device, precision):
             loss = loss_fn(model(images), targets)
         total = loss + train.l1 * l1_penalty(optimizer) if train.l1 else loss
         (total / train.grad_accum_steps).backward()
@@ -209,12 +205,12 @@ def predict(
     model: nn.Module, loader: DataLoader, device: torch.device, softmax: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and labels for every sample of the loader, in order (`softmax=False` for a model
-    that already returns probabilities)."""
+    that already returns probabilities). Always fp32, whatever training computed in: val selects the weights by
+    the numbers evaluate will report, and evaluate reports what the fp32 export serves."""
     model.eval()
     probs, labels = [], []
     for images, y in loader:
-        with autocast(device):
-            out = model(images.to(device, non_blocking=True)).float()
+        out = model(images.to(device, non_blocking=True)).float()
         probs.append(out.softmax(dim=-1) if softmax else out)
         labels.append(y)
     return torch.cat(probs).cpu().numpy(), torch.cat(labels).numpy()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from src.config import Params
 from src.learn.checkpoint import load_checkpoint, save_checkpoint
-from src.learn.engine import FitResult
+from src.learn.engine import FitResult, select_device
+from src.learn.precision import compute_description
 from src.learn.training import (
     TrainData,
     load_train_data,
@@ -49,7 +50,14 @@ def train(params: Params) -> dict[str, float]:
     if resume is None and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     tracking.connect(params.tracking)
-    tags = {**tracking.provenance(paths), "stage": "train"}
+    compute = compute_description(params.train.precision, select_device(params.train.device))
+    log.info(
+        "training in %s on %s (CPU units: %s)",
+        compute["compute.precision"],
+        compute["compute.device"],
+        compute["compute.cpu_units"],
+    )
+    tags = {**tracking.provenance(paths), "stage": "train", **compute}
     try:
         with tracking.run(run_id=resume.get("mlflow_run_id") if resume else None, tags=tags) as active:
             result = _fit_and_save(params, data, checkpoint_dir, resume, active.info.run_id)

@@ -1,0 +1,51 @@
+"""Training precision: auto follows the hardware's native bf16, and a forced precision is what the step runs in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from src.config import ModelParams, TrainParams
+from src.learn.engine import Schedule, make_optimizer, train_one_epoch
+from src.learn.model import build_model
+from src.learn.precision import compute_description, cpu_features, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")],
+)
+def test_auto_picks_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, amx, avx512_bf16, expected):
+    # the hardware probes PyTorch offers, answered as a Xeon with AMX, one with AVX512-BF16, an AMD Zen 3
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert resolve_precision("auto", CPU) == expected
+    assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
+    assert compute_description("auto", CPU)["compute.precision"] == expected
+
+
+def test_this_machines_features_are_reported_as_pytorch_sees_them():
+    features = cpu_features()
+    assert features["capability"] == torch.backends.cpu.get_cpu_capability()
+    native = bool(features["amx_tile"] or features["avx512_bf16"])
+    assert resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_training_step_computes_in_the_precision_asked(precision, dtype):
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="test_vit", pretrained=False), 32)
+    seen = []
+    model.backbone.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    train = TrainParams(precision=precision, lr=1e-3)
+    batches = [(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), torch.arange(8) % 7) for _ in range(2)]
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = train_one_epoch(
+        model, batches, make_optimizer(model, train, CPU), nn.CrossEntropyLoss(), train, Schedule(2, 0), CPU
+    )
+    assert seen == [dtype, dtype] and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights either way
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
