@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from src import cli
-from src.learn.inference import load_from_checkpoint, predict_files
+from src.learn.inference import find_images, load_from_checkpoint, predict_files
 from src.tracking.models import load_from_mlflow
 
 
@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--model", help="MLflow model URI (default: models:/<tracking.registered_model>@champion)")
     group.add_argument("--checkpoint", type=Path, help="a train checkpoint such as models/best.pt instead of MLflow")
+    p.add_argument(
+        "--explain", type=Path, metavar="DIR", help="also write an attention map per image into DIR (<image>.png)"
+    )
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -28,11 +31,30 @@ def main(argv: list[str] | None = None) -> int:
 
             uri = args.model or f"models:/{params.tracking.registered_model}@champion"
             model, size = load_from_mlflow(uri, tracking_uri(params.tracking))
+        if args.explain:
+            from src.learn.explain import check_explainable
+
+            check_explainable(model)  # before predicting: an export cannot be explained
         failed = predict_files(args.inputs, args.output, model, size)
+        if args.explain:
+            write_explanations(find_images(args.inputs), model, size, args.explain)
         print(args.output)
         return 2 if failed else 0
 
     return cli.run_main(body)
+
+
+def write_explanations(files: list[Path], model, size: int, out_dir: Path) -> None:
+    """An attention map over each readable image, titled with the predicted class and its probability."""
+    from src.config import CLASSES
+    from src.learn.explain import explained_batches
+    from src.tracking.plots import explanation_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for paths, images, maps, probs in explained_batches(model, files, size):
+        for path, image, heat, p in zip(paths, images, maps, probs, strict=True):
+            title = f"{path.stem}: {CLASSES[p.argmax()]} {p.max():.2f}"
+            explanation_png(image, heat, title, out_dir / f"{path.stem}.png")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -95,8 +96,12 @@ def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw)
         "confusion_matrix.png",
         "roc_curves.png",
         "reliability.png",
+        "explanations.png",
     ):
         assert (params.paths.reports / name).stat().st_size > 0
+    confusions = pd.read_csv(params.paths.reports / "confusions.csv")
+    predictions = pd.read_csv(params.paths.reports / "predictions.csv")
+    assert confusions["count"].sum() == (predictions["dx"] != predictions["predicted"]).sum()
     client = MlflowClient(params.tracking.uri)
     name = f"{params.tracking.registered_model}-synthetic"  # trained on synthetic data
     assert not client.search_registered_models(f"name = '{params.tracking.registered_model}'")
@@ -229,6 +234,16 @@ def test_predict_reports_unreadable_files_and_goes_on(trained, synthetic_raw, tm
     assert list(frame.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
     assert list(frame["image"]) == [good.stem]
     assert frame.iloc[0, 1:].sum() == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_explain_writes_a_map_per_image(trained, synthetic_raw, tmp_path):
+    params, _ = trained
+    files = [str(f) for f in sorted((synthetic_raw / "images").glob("*.jpg"))[:3]]
+    best = str(params.paths.models / "best.pt")
+    out = tmp_path / "maps"
+    assert predict.main([*files, "-o", str(tmp_path / "a.csv"), "--checkpoint", best, "--explain", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(f).stem}.png" for f in files)
+    assert all(Image.open(p).size[0] > 100 for p in out.iterdir())
 
 
 def test_predict_without_a_tracking_store_says_so_and_creates_none(tmp_path, monkeypatch, capsys):

@@ -20,13 +20,14 @@ from src.learn.confusions import top_confusions
 from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import apply_offsets, fit_offsets
 from src.learn.engine import predict, select_device
+from src.learn.explain import ExplainError, attention_rollout, gallery_picks
 from src.learn.inference import DECISION_FILE, load_trained, probabilities, save_decision
 from src.learn.metrics import balanced_accuracy, confusion, full_metrics, roc_curves
 from src.learn.model import AllViews, Classifier, Probabilities
 from src.tracking import registry
 from src.tracking import runs as tracking
 from src.tracking.models import load_from_mlflow
-from src.tracking.plots import confusion_png, reliability_png, roc_png
+from src.tracking.plots import confusion_png, explanation_gallery_png, reliability_png, roc_png
 
 log = logging.getLogger(__name__)
 ISIC_TEST = "isic2018_test"
@@ -118,6 +119,7 @@ def split_metrics(served: Probabilities, params: Params, name: str, image_size: 
     }
     write_split_reports(split.frame, labels, probs, metrics, params.paths.reports, name)
     write_calibration_reports(labels, uncalibrated, probs, params.paths.reports, name)
+    write_explanations(served.classifier, split, labels, probs, params.paths.reports, name)
     log.info(
         "%s: balanced accuracy %.4f (no prior correction %.4f, plain %.4f), accuracy %.4f, macro AUC %.4f, "
         "ECE %.4f (uncalibrated %.4f) (%d images)",
@@ -132,6 +134,28 @@ def split_metrics(served: Probabilities, params: Params, name: str, image_size: 
         len(labels),
     )
     return {f"{name}/{k}": v for k, v in metrics.items()} | {f"{name}/images": len(labels)}
+
+
+def write_explanations(
+    classifier: Classifier, split: SplitData, labels: np.ndarray, probs: np.ndarray, reports: Path, name: str
+) -> None:
+    """A gallery of attention maps: per class the most confident right and wrong prediction, with the true and
+    predicted class and the served probability on each tile (skipped, with a warning, for a model that is no ViT)."""
+    picks = gallery_picks(labels, probs)
+    images = np.stack([split.dataset[i][0].numpy() for i, _ in picks])
+    try:
+        maps = attention_rollout(classifier, images)
+    except ExplainError as err:
+        log.warning("no explanation gallery: %s", err)
+        return
+    ids = split.frame["image_id"].to_numpy()
+    titles = [
+        f"{kind}: {CLASSES[labels[i]]} as {CLASSES[probs[i].argmax()]} {probs[i].max():.2f}\n{ids[i]}"
+        for i, kind in picks
+    ]
+    suffix = "" if name == "test" else f"_{name}"
+    title = f"{name}: attention rollout, per class the most confident right and wrong prediction"
+    explanation_gallery_png(images, maps, titles, reports / f"explanations{suffix}.png", title)
 
 
 def write_calibration_reports(

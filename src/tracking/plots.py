@@ -68,3 +68,30 @@ def reliability_png(tables: dict, eces: dict[str, float], path: Path, title: str
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class)", ylabel="accuracy", title=title)
     ax.legend(loc="upper left", fontsize=8)
     _save(fig, path)
+
+
+def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str) -> None:
+    ax.imshow(image)
+    ax.imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=7)
+    ax.axis("off")
+
+
+def explanation_gallery_png(images: np.ndarray, maps: np.ndarray, titles: list[str], path: Path, title: str) -> None:
+    """Tiles of images with their attention maps laid over them, two per class (most confident right, wrong)."""
+    columns = 4
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, heat, tile in zip(axes.flat, images, maps, titles, strict=False):
+        _overlay(ax, image, heat, tile)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def explanation_png(image: np.ndarray, heat: np.ndarray, title: str, path: Path) -> None:
+    """One image with its attention map laid over it."""
+    fig, ax = plt.subplots(figsize=(3, 3.2))
+    _overlay(ax, image, heat, title)
+    _save(fig, path)
