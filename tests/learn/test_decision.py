@@ -66,7 +66,8 @@ def test_served_module_applies_the_same_offsets_as_numpy():
         plain = Probabilities(classifier)(images).numpy()
         served = Probabilities(classifier, offsets=torch.tensor(offsets, dtype=torch.float32))(images).numpy()
     np.testing.assert_allclose(served, apply_offsets(plain, offsets), atol=1e-6)
-    assert Probabilities(classifier, True, torch.tensor(offsets)).decision() == {
+    assert Probabilities(classifier, True, torch.tensor(offsets), temperature=1.5).decision() == {
         "tta": True,
+        "temperature": 1.5,
         "offsets": [round(float(v), 4) for v in offsets],
     }

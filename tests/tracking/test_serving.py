@@ -98,6 +98,7 @@ def test_served_model_and_one_logged_before_it_load_back_alike(tmp_path):
     model = Probabilities(build_model(ModelParams(name="test_vit", pretrained=False), 32), tta=False).eval()
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("serving")  # not the experiment id an earlier test left active in another store
     with mlflow.start_run():
         served_uri = log_served_model(model, images, model_requirements())
         older_uri = mlflow.pytorch.log_model(
