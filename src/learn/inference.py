@@ -61,7 +61,7 @@ def load_decision(checkpoint: Path, ckpt: dict) -> dict:
     """The decision evaluate saved beside this checkpoint; plain argmax when evaluate has not run on it."""
     decision = read_json(Path(checkpoint).parent / DECISION_FILE)
     if decision.get("checkpoint") != checkpoint_id(ckpt):
-        return {"tta": False, "offsets": None}
+        return {"tta": False, "temperature": 1.0, "offsets": None}
     return {"temperature": 1.0} | decision  # decisions saved before calibration have no temperature
 
 
@@ -75,7 +75,7 @@ def load_from_checkpoint(path: Path) -> tuple[torch.nn.Module, int]:
             "no %s for %s (run evaluate): plain probabilities, no TTA, calibration or correction", DECISION_FILE, path
         )
     offsets = None if decision["offsets"] is None else torch.tensor(decision["offsets"])
-    served = Probabilities(model, decision["tta"], offsets, decision.get("temperature", 1.0))
+    served = Probabilities(model, decision["tta"], offsets, decision["temperature"])
     return served.eval(), int(ckpt["config"]["data"]["image_size"])
 
 

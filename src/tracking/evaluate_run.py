@@ -118,7 +118,8 @@ def split_metrics(served: Probabilities, params: Params, name: str, image_size: 
         "brier_uncalibrated": brier_score(uncalibrated, labels),
     }
     write_split_reports(split.frame, labels, probs, metrics, params.paths.reports, name)
-    write_calibration_reports(labels, uncalibrated, probs, params.paths.reports, name)
+    eces = {"uncalibrated": metrics["ece_uncalibrated"], "calibrated": metrics["ece"]}
+    write_calibration_reports(labels, uncalibrated, probs, eces, params.paths.reports, name)
     write_explanations(served.classifier, split, labels, probs, params.paths.reports, name)
     log.info(
         "%s: balanced accuracy %.4f (no prior correction %.4f, plain %.4f), accuracy %.4f, macro AUC %.4f, "
@@ -159,17 +160,13 @@ def write_explanations(
 
 
 def write_calibration_reports(
-    labels: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray, reports: Path, name: str
+    labels: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray, eces: dict, reports: Path, name: str
 ) -> None:
     """The reliability diagram's bins as CSV (DVC plots) and as a PNG, before and after the temperature."""
     suffix = "" if name == "test" else f"_{name}"
     tables = {"uncalibrated": reliability(uncalibrated, labels), "calibrated": reliability(calibrated, labels)}
     frame = pd.concat([t.assign(probabilities=k) for k, t in tables.items()], ignore_index=True)
     write_text(reports / f"calibration{suffix}.csv", frame.to_csv(index=False))
-    eces = {
-        k: expected_calibration_error(p, labels)
-        for k, p in (("uncalibrated", uncalibrated), ("calibrated", calibrated))
-    }
     reliability_png(tables, eces, reports / f"reliability{suffix}.png", f"{name}: reliability ({len(labels)} images)")
 
 
