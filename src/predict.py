@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             from src.tracking.runs import tracking_uri
 
             uri = args.model or f"models:/{params.tracking.registered_model}@champion"
-            model, size = load_from_mlflow(uri, tracking_uri(params.tracking))
+            model, size = load_from_mlflow(uri, tracking_uri(params.tracking), explainable=args.explain is not None)
         if args.explain:
             from src.learn.explain import check_explainable
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import filecmp
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from src.fileio import write_json
 from src.ingest.download import SOURCE_FILE
 from src.ingest.rawdata import DataError
 from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from src.learn.explain import check_explainable
 from src.learn.inference import ISIC_COLUMNS, classify, load_from_checkpoint, load_trained, predict_files
 from src.learn.training import load_train_data
 from src.prepare.imaging import load_image
@@ -73,11 +75,17 @@ def test_train_writes_model_reports_and_mlflow_run(trained):
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"train", "val"}
 
 
-def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw):
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    """The trained run evaluated and registered once, with every part of the decision rule switched on."""
     params, _ = trained
-    decision = {"tta": True, "prior_correction": True}  # every part of the rule, so all three paths must apply them
+    decision = {"tta": True, "prior_correction": True}  # so that every path must apply all of them
     params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update=decision)})
-    metrics = evaluate(params)
+    return params, evaluate(params)
+
+
+def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_raw):
+    params, metrics = evaluated
     assert {"test/balanced_accuracy", "test/macro_roc_auc", "test/melanoma_sensitivity"} <= set(metrics)
     assert {"test/balanced_accuracy_no_correction", "test/balanced_accuracy_no_tta_no_correction"} <= set(metrics)
     assert metrics["decision/tta"] == 1.0
@@ -124,7 +132,9 @@ def test_evaluate_registers_champion_and_predict_matches(trained, synthetic_raw)
     uri = f"models:/{name}@champion"
     from_registry, size = load_from_mlflow(uri, params.tracking.uri)
     from_checkpoint, _ = load_from_checkpoint(params.paths.models / "best.pt")
-    for model in (from_registry, from_checkpoint):
+    explainable, _ = load_from_mlflow(uri, params.tracking.uri, explainable=True)  # eager, from what it carries
+    check_explainable(explainable)
+    for model in (from_registry, from_checkpoint, explainable):
         frame, failures = classify(model, files, size)
         assert not failures
         for ours, theirs in ISIC_COLUMNS.items():
@@ -236,14 +246,18 @@ def test_predict_reports_unreadable_files_and_goes_on(trained, synthetic_raw, tm
     assert frame.iloc[0, 1:].sum() == pytest.approx(1, abs=1e-5)
 
 
-def test_predict_explain_writes_a_map_per_image(trained, synthetic_raw, tmp_path):
-    params, _ = trained
+def test_predict_explain_writes_a_map_per_image(evaluated, synthetic_raw, tmp_path):
+    params, _ = evaluated
     files = [str(f) for f in sorted((synthetic_raw / "images").glob("*.jpg"))[:3]]
-    best = str(params.paths.models / "best.pt")
-    out = tmp_path / "maps"
-    assert predict.main([*files, "-o", str(tmp_path / "a.csv"), "--checkpoint", best, "--explain", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(f).stem}.png" for f in files)
-    assert all(Image.open(p).size[0] > 100 for p in out.iterdir())
+    champion = f"models:/{params.tracking.registered_model}-synthetic@champion"
+    sources = {"checkpoint": ["--checkpoint", str(params.paths.models / "best.pt")], "registry": ["--model", champion]}
+    for name, source in sources.items():  # the registered model carries the checkpoint it was exported from
+        out = tmp_path / name
+        args = [*files, "-o", str(tmp_path / f"{name}.csv"), *source, "--explain", str(out)]
+        assert predict.main([*args, "-S", f"tracking.uri={params.tracking.uri}"]) == 0
+        assert sorted(p.name for p in out.iterdir()) == sorted(f"{Path(f).stem}.png" for f in files)
+        assert all(Image.open(p).size[0] > 100 for p in out.iterdir())
+    assert filecmp.cmp(tmp_path / "checkpoint.csv", tmp_path / "registry.csv", shallow=False)
 
 
 def test_predict_without_a_tracking_store_says_so_and_creates_none(tmp_path, monkeypatch, capsys):

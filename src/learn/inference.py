@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # ISIC 2018 Task 3 submission columns, mapped to our (alphabetical) class order.
 ISIC_COLUMNS = {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AKIEC": "akiec", "BKL": "bkl", "DF": "df", "VASC": "vasc"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+CHECKPOINT_FILE = "best.pt"  # the weights training kept, in the models folder
 DECISION_FILE = "decision.json"  # written by evaluate beside best.pt
 
 

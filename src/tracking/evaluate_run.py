@@ -21,7 +21,7 @@ from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import apply_offsets, fit_offsets
 from src.learn.engine import predict, select_device
 from src.learn.explain import ExplainError, attention_rollout, gallery_picks
-from src.learn.inference import DECISION_FILE, load_trained, probabilities, save_decision
+from src.learn.inference import CHECKPOINT_FILE, DECISION_FILE, load_trained, probabilities, save_decision
 from src.learn.metrics import balanced_accuracy, confusion, full_metrics, roc_curves
 from src.learn.model import AllViews, Classifier, Probabilities
 from src.tracking import registry
@@ -215,7 +215,7 @@ def score_registered(model_uri: str, params: Params, metric: str) -> float | Non
 def evaluate(params: Params) -> dict[str, float]:
     """The evaluate stage: fit the decision on val, score it on test, log the served model and register it."""
     device = select_device(params.train.device)
-    classifier, ckpt = load_trained(params.paths.models / "best.pt")
+    classifier, ckpt = load_trained(params.paths.models / CHECKPOINT_FILE)
     image_size = ckpt["config"]["data"]["image_size"]
     served, metrics = fit_decision(classifier.to(device), params, image_size, device)
     save_decision(params.paths.models / DECISION_FILE, served, ckpt)
@@ -234,7 +234,7 @@ def evaluate(params: Params) -> dict[str, float]:
         if not params.tracking.log_model:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")
             return metrics
-        model_uri = tracking.log_model(served, example_images(params, image_size))
+        model_uri = tracking.log_model(served, example_images(params, image_size), params.paths.models)
         metric = params.evaluate.promote_metric
         rescore = partial(score_registered, params=params, metric=metric)
         result = registry.register(model_uri, active.info.run_id, metrics, provenance, params.tracking, metric, rescore)

@@ -9,12 +9,13 @@ import torch
 from src.errors import UserError
 
 
-def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module, int]:
-    """The registered/logged model (the torch module it serves) and its input size."""
+def load_from_mlflow(model_uri: str, tracking_uri: str, explainable: bool = False) -> tuple[torch.nn.Module, int]:
+    """The registered/logged model (the torch module it serves; eager, for attention maps, when `explainable`) and
+    its input size."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from src.tracking.serving import load_served
+    from src.tracking.serving import load_explainable, load_served
 
     store = Path(tracking_uri.removeprefix("sqlite:///"))
     if tracking_uri.startswith("sqlite:///") and not store.exists():  # MLflow would create an empty store here
@@ -24,7 +25,7 @@ def load_from_mlflow(model_uri: str, tracking_uri: str) -> tuple[torch.nn.Module
         )
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        return load_served(model_uri)
+        return load_explainable(model_uri) if explainable else load_served(model_uri)
     except (MlflowException, OSError) as err:
         raise UserError(
             f"cannot load model {model_uri} from {tracking_uri}: {err}; run `dvc repro` to train and register "

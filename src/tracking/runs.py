@@ -190,11 +190,12 @@ def model_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", "numpy"]
 
 
-def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
-    """Log the served model (uint8 images or base64 files in -> probabilities) with an input example; its URI."""
+def log_model(model: torch.nn.Module, example: np.ndarray, checkpoint_dir: Path) -> str:
+    """Log the served model (uint8 images or base64 files in -> probabilities) with an input example, carrying the
+    checkpoint and decision in `checkpoint_dir` that it was built from; its URI."""
     from src.tracking.serving import log_served_model
 
-    return log_served_model(model, example, model_requirements())
+    return log_served_model(model, example, model_requirements(), checkpoint_dir)
 
 
 def log_figure(fig, name: str) -> None:

@@ -5,7 +5,9 @@ It takes either a batch of uint8 images already at the model's size (`{"inputs":
 `image` (`{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}`), which it decodes exactly as
 predict does. Bad input is an MLflow INVALID_PARAMETER_VALUE error, which `mlflow models serve` answers with a 400
 naming the row and what is wrong. The model it runs is the exported `Probabilities` module (pt2), kept inside as
-an `mlflow.pytorch` model.
+an `mlflow.pytorch` model. Beside it the model carries the train checkpoint and evaluate's decision rule (artifact
+`checkpoint`): an export keeps no layers to hook, so explanation maps (predict --explain, the demo page) rebuild the
+same model in eager form from those.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
+from src.errors import UserError
+from src.learn.inference import CHECKPOINT_FILE, DECISION_FILE, load_from_checkpoint
 from src.prepare.imaging import ImageReadError, load_image
 
 IMAGE_COLUMN = "image"
@@ -90,11 +95,13 @@ class ServedImages(mlflow.pyfunc.PythonModel):
     def __init__(self, size: int):
         self.size = size
         self.model = None
+        self.checkpoint_dir = None
 
     def load_context(self, context) -> None:
         import mlflow.pytorch
 
         self.model = mlflow.pytorch.load_model(context.artifacts["probabilities"], map_location="cpu")
+        self.checkpoint_dir = context.artifacts.get("checkpoint")  # absent in models logged before maps
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         images = to_pixels(model_input, self.size)
@@ -113,8 +120,11 @@ def encoded_examples(images: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({IMAGE_COLUMN: [png(image) for image in images]})
 
 
-def log_served_model(model: torch.nn.Module, example: np.ndarray, requirements: list[str]) -> str:
-    """Log the served model (see the module docstring) to the active run; returns its URI.
+def log_served_model(
+    model: torch.nn.Module, example: np.ndarray, requirements: list[str], checkpoint_dir: Path | None = None
+) -> str:
+    """Log the served model (see the module docstring) to the active run; returns its URI. `checkpoint_dir` holds
+    the train checkpoint and decision file that `model` was built from (carried for explanation maps).
 
     No signature: one signature cannot say "pixels or encoded files", and MLflow would refuse the other form. What
     each form must look like is checked by `to_pixels` instead, and the input size is in the model's metadata.
@@ -135,10 +145,13 @@ def log_served_model(model: torch.nn.Module, example: np.ndarray, requirements: 
             pip_requirements=requirements,
             serialization_format="pt2",
         )
+        artifacts = {"probabilities": str(exported)}
+        if checkpoint_dir is not None:
+            artifacts["checkpoint"] = str(_copy_checkpoint(Path(checkpoint_dir), Path(tmp) / "checkpoint"))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=ServedImages(size),
-            artifacts={"probabilities": str(exported)},
+            artifacts=artifacts,
             code_paths=[str(SRC)],
             input_example=encoded_examples(example),
             signature=False,
@@ -146,6 +159,29 @@ def log_served_model(model: torch.nn.Module, example: np.ndarray, requirements: 
             metadata={"image_size": size, "input": f"uint8 (N, {size}, {size}, 3) or column '{IMAGE_COLUMN}' base64"},
         )
     return info.model_uri
+
+
+def _copy_checkpoint(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for name in (CHECKPOINT_FILE, DECISION_FILE):
+        shutil.copy2(source / name, target / name)
+    return target
+
+
+def load_explainable(model_uri: str) -> tuple[torch.nn.Module, int]:
+    """The logged model rebuilt in eager form from the checkpoint it carries (the same weights and decision as
+    its export), so attention can be recorded; a model logged without one is a UserError."""
+    served = mlflow.pyfunc.load_model(model_uri)
+    try:
+        checkpoint_dir = getattr(served.unwrap_python_model(), "checkpoint_dir", None)
+    except MlflowException:  # a plain pytorch model, registered before this pyfunc
+        checkpoint_dir = None
+    if checkpoint_dir is None:
+        raise UserError(
+            f"{model_uri} carries no checkpoint to draw attention maps from (logged before maps were added): rerun "
+            "`dvc repro evaluate` to log it again, or pass --checkpoint models/best.pt"
+        )
+    return load_from_checkpoint(Path(checkpoint_dir) / CHECKPOINT_FILE)
 
 
 def load_served(model_uri: str) -> tuple[torch.nn.Module, int]:

@@ -92,7 +92,8 @@ def test_served_model_and_one_logged_before_it_load_back_alike(tmp_path):
     from src.config import ModelParams
     from src.learn.model import Probabilities, build_model
     from src.tracking.runs import model_requirements
-    from src.tracking.serving import load_served, log_served_model
+    from src.errors import UserError
+    from src.tracking.serving import load_explainable, load_served, log_served_model
 
     torch.manual_seed(0)
     model = Probabilities(build_model(ModelParams(name="test_vit", pretrained=False), 32), tta=False).eval()
@@ -112,3 +113,6 @@ def test_served_model_and_one_logged_before_it_load_back_alike(tmp_path):
         with torch.inference_mode():
             np.testing.assert_allclose(loaded(torch.from_numpy(images)).numpy(), expected, atol=1e-5)
     assert mlflow.models.get_model_info(served_uri).metadata["image_size"] == 32
+    for uri in (served_uri, older_uri):  # neither carries a checkpoint: no maps, and the error says what to do
+        with pytest.raises(UserError, match="carries no checkpoint.*dvc repro evaluate.*--checkpoint"):
+            load_explainable(uri)
