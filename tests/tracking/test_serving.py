@@ -90,9 +90,9 @@ def test_served_model_and_one_logged_before_it_load_back_alike(tmp_path):
     import torch
 
     from src.config import ModelParams
+    from src.errors import UserError
     from src.learn.model import Probabilities, build_model
     from src.tracking.runs import model_requirements
-    from src.errors import UserError
     from src.tracking.serving import load_explainable, load_served, log_served_model
 
     torch.manual_seed(0)
