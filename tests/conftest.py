@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,3 +113,67 @@ def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> Non
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+PROJECT_FILES = (
+    "src",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".gitignore",
+    ".dvcignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+)
+OFFLINE = [
+    "-S",
+    "data.source=synthetic",
+    "-S",
+    "model.name=test_vit",
+    "-S",
+    "data.image_size=32",
+    "-S",
+    "model.pretrained=false",
+    "-S",
+    "train.epochs=2",
+]
+
+
+def project_env() -> dict[str, str]:
+    """The environment a user's shell gives the project's commands: the venv first, no tracking URI set."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def run_ok(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command as a user would; a non-zero exit fails the test with the output's tail."""
+    result = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Path:
+    """A fresh clone-like copy of the project after `dvc exp run` with the README's offline overrides."""
+    work = tmp_path_factory.mktemp("clone")
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / name)
+    run_ok(["git", "init", "-q"], work)
+    run_ok(["git", "add", "-A"], work)
+    run_ok(["git", "commit", "-qm", "init"], work)
+    run_ok(["dvc", "exp", "run", *OFFLINE], work, timeout=900)
+    return work

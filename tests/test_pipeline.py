@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,70 +17,10 @@ import requests
 from src.config import CLASSES, TrackingParams
 from src.prepare.imaging import load_image
 from src.tracking.runs import TrackingError, connect
-from tests.conftest import free_port, start_mlflow_server, start_model_server, stop_mlflow_server
+from tests.conftest import free_port, run_ok, start_mlflow_server, start_model_server, stop_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = (
-    "src",
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    ".gitignore",
-    ".dvcignore",
-    ".dvc/config",
-    ".dvc/.gitignore",
-)
-OFFLINE = [
-    "-S",
-    "data.source=synthetic",
-    "-S",
-    "model.name=test_vit",
-    "-S",
-    "data.image_size=32",
-    "-S",
-    "model.pretrained=false",
-    "-S",
-    "train.epochs=2",
-]
 pytestmark = pytest.mark.e2e
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.update(
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-        DVC_NO_ANALYTICS="1",
-        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-    )
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    """A fresh clone-like copy of the project after `dvc exp run` with the README's offline overrides."""
-    work = tmp_path_factory.mktemp("clone")
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / name)
-    _run(["git", "init", "-q"], work)
-    _run(["git", "add", "-A"], work)
-    _run(["git", "commit", "-qm", "init"], work)
-    _run(["dvc", "exp", "run", *OFFLINE], work, timeout=900)
-    return work
 
 
 def test_all_stages_ran_and_wrote_metrics_and_plots(pipeline):
@@ -92,18 +29,18 @@ def test_all_stages_ran_and_wrote_metrics_and_plots(pipeline):
     assert json.loads((pipeline / "reports/train.json").read_text())["epochs_run"] == 2
     evaluation = json.loads((pipeline / "reports/evaluate.json").read_text())
     assert 0 <= evaluation["test/balanced_accuracy"] <= 1
-    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], pipeline).stdout)
+    shown = json.loads(run_ok(["dvc", "metrics", "show", "--json"], pipeline).stdout)
     assert "test/balanced_accuracy" in json.dumps(shown)
     for plot in ("train_history.csv", "confusion.csv", "roc.csv", "confusion_matrix.png", "roc_curves.png"):
         assert (pipeline / "reports" / plot).stat().st_size > 0
-    status = _run(["dvc", "status"], pipeline).stdout
+    status = run_ok(["dvc", "status"], pipeline).stdout
     assert "up to date" in status, status
 
 
 def test_champion_predicts_like_evaluate(pipeline):
     expected = pd.read_csv(pipeline / "reports/predictions.csv")
     model = "models:/hmnist-vit-synthetic@champion"  # trained on synthetic data: never under the real name
-    _run([sys.executable, "-m", "src.predict", "data/raw/images", "-o", "submission.csv", "--model", model], pipeline)
+    run_ok([sys.executable, "-m", "src.predict", "data/raw/images", "-o", "submission.csv", "--model", model], pipeline)
     got = pd.read_csv(pipeline / "submission.csv").set_index("image").loc[expected["image_id"]]
     for ours, theirs in (("MEL", "mel"), ("NV", "nv"), ("BCC", "bcc"), ("VASC", "vasc")):
         np.testing.assert_allclose(got[ours].to_numpy(), expected[theirs].to_numpy(), atol=1e-5)

@@ -32,3 +32,20 @@ def load_from_mlflow(model_uri: str, tracking_uri: str, explainable: bool = Fals
             "one (models trained on synthetic data are registered as <name>-synthetic), or pass --checkpoint "
             "models/best.pt"
         ) from None
+
+
+def describe_model(model_uri: str, tracking_uri: str) -> str:
+    """A registry model in words (name, version, alias, run, headline test score); other URIs as they are."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    if not model_uri.startswith("models:/") or not alias:
+        return model_uri
+    try:
+        version = MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return model_uri
+    score = version.tags.get("test/balanced_accuracy")
+    scored = f", test balanced accuracy {score}" if score else ""
+    return f"{name} version {version.version} ({alias}), run {version.run_id[:8]}{scored}"
