@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         source = ModelSource(uri, tracking_uri(params.tracking))
         try:
             server = make_server(args.host, args.port, create_app(source), threaded=True)
-        except OSError as err:
-            raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror}; pass another --port") from None
+        except SystemExit:  # werkzeug has printed why (a port in use, an unknown address) and exits: add the fix
+            raise UserError(f"cannot listen on {args.host}:{args.port}; pass another --port or --host") from None
         print(f"demo page on http://{args.host}:{server.server_port}/ serving {uri} (Ctrl-C stops it)", flush=True)
         try:
             server.serve_forever()
