@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,39 @@ def pipeline(tmp_path_factory) -> Path:
     run_ok(["git", "commit", "-qm", "init"], work)
     run_ok(["dvc", "exp", "run", *OFFLINE], work, timeout=900)
     return work
+
+
+def postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: on PATH, or where Debian's `postgresql` package puts it (.ci/run installs it)."""
+    debian = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)
+    found = shutil.which(name) or (str(debian[0]) if debian else None)
+    if found is None:
+        pytest.fail(f"PostgreSQL's {name} not found: install PostgreSQL (Debian: apt-get install postgresql)")
+    return found
+
+
+def _checked(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)}: {result.stdout[-1500:]} {result.stderr[-1500:]}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server on 127.0.0.1 for this test session (initdb + pg_ctl), with an empty database;
+    its SQLAlchemy URL. The server refuses to run as root, so as root it runs as the `postgres` user, in a folder
+    of its own (pytest's temporary folders are closed to other users)."""
+    root = Path(tempfile.mkdtemp(prefix="hmnist-postgres-"))
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+    data, port = root / "data", free_port()
+    _checked([*as_user, postgres_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "tester"])
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    ctl = [*as_user, postgres_bin("pg_ctl"), "-D", str(data), "-l", str(root / "server.log")]
+    _checked([*ctl, "-o", options, "-w", "-t", "120", "start"])
+    try:
+        _checked([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tester", "optuna"])
+        yield f"postgresql+psycopg2://tester@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*ctl, "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -53,7 +53,11 @@ def tune(
                 timeout=timeout,
                 n_jobs=n_jobs,
                 catch=(TrialFailed,),
-                callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), progress(trials)],
+                callbacks=[
+                    fail_dead_workers,
+                    optuna.study.MaxTrialsCallback(trials, states=FINISHED),
+                    progress(trials),
+                ],
             )
         else:
             log.info("study %s already holds %d finished trials (asked for %d)", study_name, trials - remaining, trials)
@@ -64,3 +68,9 @@ def tune(
             "see the log for why, e.g. narrow tune.lr"
         )
     return study
+
+
+def fail_dead_workers(study: optuna.Study, _trial) -> None:
+    """After each trial: the trial of a worker killed beside this one on this host ends FAIL now, and does not
+    wait for the heartbeat's grace period (minutes) or stay RUNNING when the study ends first."""
+    close_dead_trial_runs(fail_dead_trials(study, running_here=True))

@@ -67,18 +67,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
+def fail_dead_trials(study: optuna.Study, running_here: bool = False) -> list[FrozenTrial]:
     """Mark FAIL the RUNNING trials whose worker process on this host is gone (kill -9, crash, reboot).
 
-    Workers on other hosts are covered by the storage heartbeat. This process has started no trial yet,
-    so a RUNNING trial carrying its own pid was left by an earlier process that had the same pid.
+    Workers on other hosts are covered by the storage heartbeat. Before this process starts a trial, a RUNNING
+    trial carrying its own pid was left by an earlier process that had the same pid; once it runs trials
+    (`running_here`), those are its own, alive.
     """
     dead = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = trial.user_attrs.get(PID_ATTR)
-        if trial.user_attrs.get(HOST_ATTR) != HOST or pid is None or (pid != os.getpid() and pid_alive(pid)):
+        mine = pid == os.getpid()
+        if trial.user_attrs.get(HOST_ATTR) != HOST or pid is None or (mine and running_here):
             continue
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        if not mine and pid_alive(pid):
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another live worker marked it between check and write
+            continue
         log.warning("trial %d: its worker (pid %d) is gone; marked FAIL", trial.number, pid)
         dead.append(trial)
     return dead

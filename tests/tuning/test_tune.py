@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -122,15 +123,35 @@ def _write_params(params: Params, path: Path) -> Path:
     return path
 
 
+_TRIALS = "SELECT trial_id, state FROM trials"
+_ATTRS = "SELECT trial_id, key, value_json FROM trial_user_attributes"
+
+
 def _snapshot(storage: str) -> list[dict]:
-    """Each trial's state and user attrs, read with sqlite3 so that polling creates nothing."""
+    """Each trial's state and user attrs, read with SQL (sqlite3 for SQLite, so that polling creates nothing)."""
+    if not storage.startswith("sqlite:///"):
+        return _server_snapshot(storage)
     try:
         with closing(sqlite3.connect(storage.removeprefix("sqlite:///"), timeout=30)) as db:
-            trials = {tid: {"state": state} for tid, state in db.execute("SELECT trial_id, state FROM trials")}
-            for tid, key, value in db.execute("SELECT trial_id, key, value_json FROM trial_user_attributes"):
+            trials = {tid: {"state": state} for tid, state in db.execute(_TRIALS)}
+            for tid, key, value in db.execute(_ATTRS):
                 trials[tid][key] = json.loads(value)
     except sqlite3.OperationalError:  # not created yet
         return []
+    return list(trials.values())
+
+
+def _server_snapshot(storage: str) -> list[dict]:
+    engine = sqlalchemy.create_engine(storage)
+    try:
+        with engine.connect() as db:
+            trials = {tid: {"state": state} for tid, state in db.execute(sqlalchemy.text(_TRIALS))}
+            for tid, key, value in db.execute(sqlalchemy.text(_ATTRS)):
+                trials[tid][key] = json.loads(value)
+    except sqlalchemy.exc.ProgrammingError:  # tables not created yet
+        return []
+    finally:
+        engine.dispose()
     return list(trials.values())
 
 
@@ -376,6 +397,45 @@ def test_workers_share_a_study_and_a_killed_study_resumes(tune_params, tmp_path)
         if RUN_ATTR in trial.user_attrs:
             run = runs.loc[trial.user_attrs[RUN_ATTR]]
             assert (run["tags.trial.state"], run["status"]) == ("FAIL", "KILLED")
+
+
+@pytest.mark.e2e
+def test_three_workers_share_a_postgresql_study_and_a_killed_ones_trial_ends_fail(tune_params, tmp_path, postgres_url):
+    """Three workers on one study in a real PostgreSQL server; one is killed (-9) in a trial after finishing one.
+    The other two take the study to --trials N; the dead worker's trial ends FAIL; no trial number twice; every
+    trial's MLflow run nested under the one parent run."""
+    params = _quick(tune_params)
+    study_setup = {"storage": postgres_url, "study_name": "shared-on-postgres"}
+    params = params.model_copy(update={"tune": params.tune.model_copy(update=study_setup)})
+    params_file = _write_params(params, tmp_path / "params.yaml")
+    trials = 15  # enough that the victim finishes one and starts another long before the study is done
+    workers = [_start_worker(params_file, tmp_path, trials) for _ in range(3)]
+    victim = workers[0]
+
+    def victim_in_a_trial_after_finishing_one() -> bool:
+        snapshot = _snapshot(postgres_url)
+        finished = {t.get(PID_ATTR) for t in snapshot if t["state"] in FINISHED}
+        running = {t.get(PID_ATTR) for t in snapshot if t["state"] == "RUNNING" and RUN_ATTR in t}
+        return victim.pid in finished and victim.pid in running
+
+    try:
+        _wait_until(victim_in_a_trial_after_finishing_one, workers)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    for worker in workers[1:]:
+        assert worker.wait(timeout=600) == 0, worker.log.read_text()[-3000:]
+
+    study = _study(params)
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == list(range(len(numbers)))  # each number once
+    assert sum(t.state.is_finished() for t in study.trials) >= trials
+    killed = [t for t in study.trials if t.user_attrs.get(PID_ATTR) == victim.pid and t.state == TrialState.FAIL]
+    assert len(killed) == 1 and TrialState.RUNNING not in {t.state for t in study.trials}
+    assert {t.user_attrs[PID_ATTR] for t in study.trials} == {w.pid for w in workers}
+    runs = _trial_runs(params, study).set_index("run_id")  # all three workers nested their trials under one parent
+    assert set(runs.index) == {t.user_attrs[RUN_ATTR] for t in study.trials if RUN_ATTR in t.user_attrs}
+    assert (runs.loc[killed[0].user_attrs[RUN_ATTR], ["tags.trial.state", "status"]] == ["FAIL", "KILLED"]).all()
 
 
 @pytest.mark.e2e
