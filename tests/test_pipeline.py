@@ -1,10 +1,11 @@
 """End to end: `dvc exp run` of all four stages on synthetic data in a clean copy of the repo, then a real
-`mlflow server` over the resulting store, queried through its REST API."""
+`mlflow server` over the resulting store, queried through its REST API, and a DVC remote a fresh clone pulls from."""
 
 from __future__ import annotations
 
 import base64
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -132,3 +133,25 @@ def test_unreachable_tracking_server_fails_fast():
         connect(TrackingParams(uri=f"http://127.0.0.1:{free_port()}"))
     # one health check, no retries: MLflow's own retry schedule would take minutes; 60 s holds on a busy machine
     assert time.time() - start < 60
+
+
+def test_a_fresh_clone_pulls_data_and_model_from_a_dvc_remote_with_nothing_to_rerun(pipeline, tmp_path):
+    """`dvc push` to a directory remote; a fresh `git clone` + `dvc pull` has the raw data, the split cache and the
+    model, `dvc status` is clean and `dvc repro` runs nothing."""
+    team = tmp_path / "team"  # a copy: the session's pipeline stays as other tests expect it
+    shutil.copytree(pipeline, team, symlinks=True)
+    remote = tmp_path / "remote"
+    run_ok(["dvc", "remote", "add", "-d", "shared", str(remote)], team)
+    run_ok(["git", "add", "-A"], team)
+    run_ok(["git", "commit", "-qm", "pipeline results, remote"], team)
+    run_ok(["dvc", "push"], team)
+
+    clone = tmp_path / "clone"
+    run_ok(["git", "clone", "-q", str(team), str(clone)], tmp_path)
+    assert not (clone / "models/best.pt").exists()
+    run_ok(["dvc", "pull"], clone)
+    for path in ("data/raw/metadata.csv", "data/splits/test.csv", "data/cache/images.npy", "models/best.pt"):
+        assert (clone / path).read_bytes() == (pipeline / path).read_bytes(), path
+    assert "up to date" in run_ok(["dvc", "status"], clone).stdout
+    repro = run_ok(["dvc", "repro"], clone).stdout
+    assert "Running stage" not in repro and "up to date" in repro, repro
