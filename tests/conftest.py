@@ -76,6 +76,16 @@ def start_mlflow_server(db: Path, port: int) -> subprocess.Popen:
     return _start_healthy(cmd, db.parent, port, {})
 
 
+def start_team_server(backend_uri: str, artifacts: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` as a team runs it: a database backend store, artifacts proxied into `artifacts` (clients
+    send them over HTTP and never see that folder), on 127.0.0.1."""
+    cmd = [
+        *(str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri),
+        *("--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    return _start_healthy(cmd, artifacts.parent, port, {})
+
+
 def start_model_server(model_uri: str, tracking_uri: str, cwd: Path, port: int) -> subprocess.Popen:
     """`mlflow models serve` of a registered model, as the README runs it; returns when it answers /health."""
     cmd = [
@@ -156,17 +166,19 @@ def project_env() -> dict[str, str]:
     return env
 
 
-def run_ok(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a command as a user would; a non-zero exit fails the test with the output's tail."""
-    result = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=timeout)
+def run_ok(
+    cmd: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command as a user would (`env` added to the environment); a non-zero exit fails the test with the
+    output's tail."""
+    env = project_env() | (env or {})
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
-@pytest.fixture(scope="session")
-def pipeline(tmp_path_factory) -> Path:
-    """A fresh clone-like copy of the project after `dvc exp run` with the README's offline overrides."""
-    work = tmp_path_factory.mktemp("clone")
+def project_copy(work: Path) -> Path:
+    """The project's files in `work`, committed to a new git repository, as a fresh clone has them."""
     for name in PROJECT_FILES:
         src = REPO / name
         if src.is_dir():
@@ -177,6 +189,13 @@ def pipeline(tmp_path_factory) -> Path:
     run_ok(["git", "init", "-q"], work)
     run_ok(["git", "add", "-A"], work)
     run_ok(["git", "commit", "-qm", "init"], work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> Path:
+    """A fresh clone-like copy of the project after `dvc exp run` with the README's offline overrides."""
+    work = project_copy(tmp_path_factory.mktemp("clone"))
     run_ok(["dvc", "exp", "run", *OFFLINE], work, timeout=900)
     return work
 
@@ -195,11 +214,23 @@ def _checked(cmd: list[str]) -> None:
     assert result.returncode == 0, f"{' '.join(cmd)}: {result.stdout[-1500:]} {result.stderr[-1500:]}"
 
 
+class PostgresServer:
+    """A running PostgreSQL server (trust authentication, user `tester`) that hands out fresh databases."""
+
+    def __init__(self, port: int):
+        self.port = port
+
+    def database(self, name: str) -> str:
+        """Create database `name`; its SQLAlchemy URL."""
+        _checked([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "tester", name])
+        return f"postgresql+psycopg2://tester@127.0.0.1:{self.port}/{name}"
+
+
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A real PostgreSQL server on 127.0.0.1 for this test session (initdb + pg_ctl), with an empty database;
-    its SQLAlchemy URL. The server refuses to run as root, so as root it runs as the `postgres` user, in a folder
-    of its own (pytest's temporary folders are closed to other users)."""
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server on 127.0.0.1 for this test session (initdb + pg_ctl). The server refuses to run as
+    root, so as root it runs as the `postgres` user, in a folder of its own (pytest's temporary folders are closed
+    to other users)."""
     root = Path(tempfile.mkdtemp(prefix="hmnist-postgres-"))
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_user:
@@ -210,8 +241,7 @@ def postgres_url() -> Iterator[str]:
     ctl = [*as_user, postgres_bin("pg_ctl"), "-D", str(data), "-l", str(root / "server.log")]
     _checked([*ctl, "-o", options, "-w", "-t", "120", "start"])
     try:
-        _checked([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "tester", "optuna"])
-        yield f"postgresql+psycopg2://tester@127.0.0.1:{port}/optuna"
+        yield PostgresServer(port)
     finally:
         subprocess.run([*ctl, "-m", "fast", "-w", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -400,11 +400,12 @@ def test_workers_share_a_study_and_a_killed_study_resumes(tune_params, tmp_path)
 
 
 @pytest.mark.e2e
-def test_three_workers_share_a_postgresql_study_and_a_killed_ones_trial_ends_fail(tune_params, tmp_path, postgres_url):
+def test_three_workers_share_a_postgresql_study_and_a_killed_ones_trial_ends_fail(tune_params, tmp_path, postgres):
     """Three workers on one study in a real PostgreSQL server; one is killed (-9) in a trial after finishing one.
     The other two take the study to --trials N; the dead worker's trial ends FAIL; no trial number twice; every
     trial's MLflow run nested under the one parent run."""
     params = _quick(tune_params)
+    postgres_url = postgres.database("optuna")
     study_setup = {"storage": postgres_url, "study_name": "shared-on-postgres"}
     params = params.model_copy(update={"tune": params.tune.model_copy(update=study_setup)})
     params_file = _write_params(params, tmp_path / "params.yaml")
