@@ -153,8 +153,9 @@ class EvaluateParams(Section):
     prior_correction: bool = Field(
         False, description="per-class logit offsets fitted on val for balanced accuracy, stored with the model"
     )
-    calibrate: bool = Field(
-        True, description="temperature scaling fitted on val (NLL), stored with the model: calibrated probabilities"
+    calibrate: bool | Literal["auto"] = Field(
+        "auto",
+        description="temperature scaling fitted on val (NLL), stored with the model; auto = when it lowers val ECE",
     )
 
 

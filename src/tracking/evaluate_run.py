@@ -72,31 +72,37 @@ def fit_decision(
     }
     use_tta = bacc["tta"] > bacc["plain"] if params.evaluate.tta == "auto" else bool(params.evaluate.tta)
     logits = logits if use_tta else logits[:, :1]
-    temperature = fit_temperature(logits, labels) if params.evaluate.calibrate else 1.0
+    uncalibrated = served_probs(logits)
+    fitted = fit_temperature(logits, labels) if params.evaluate.calibrate else 1.0
+    calibration = {
+        "ece_uncalibrated": expected_calibration_error(uncalibrated, labels),
+        "ece_fitted": expected_calibration_error(served_probs(logits, fitted), labels),
+    }
+    # NLL's best temperature can still raise ECE (a model already calibrated, e.g. by label smoothing + TTA)
+    improves = calibration["ece_fitted"] < calibration["ece_uncalibrated"]
+    temperature = fitted if params.evaluate.calibrate is True or (params.evaluate.calibrate and improves) else 1.0
     probs = served_probs(logits, temperature)
+    calibration["ece"] = expected_calibration_error(probs, labels)
     offsets = fit_offsets(probs, labels) if params.evaluate.prior_correction else np.zeros(len(CLASSES))
     served = Probabilities(classifier, use_tta, torch.tensor(offsets, dtype=torch.float32), temperature)
     bacc["corrected"] = balanced_accuracy(labels, apply_offsets(probs, offsets))
-    uncalibrated = served_probs(logits)
-    calibration = {
-        "ece_uncalibrated": expected_calibration_error(uncalibrated, labels),
-        "ece": expected_calibration_error(probs, labels),
-    }
     log.info(
         "val: balanced accuracy plain %.4f, TTA %.4f (%s), with prior correction %.4f (fitted here; offsets %s); "
-        "temperature %.3f: ECE %.4f -> %.4f",
+        "temperature %.3f fitted (%s): ECE %.4f -> %.4f",
         bacc["plain"],
         bacc["tta"],
         "used" if use_tta else "not used",
         bacc["corrected"],
         served.decision()["offsets"],
-        temperature,
+        fitted,
+        "used" if temperature != 1.0 else "not used",
         calibration["ece_uncalibrated"],
-        calibration["ece"],
+        calibration["ece_fitted"],
     )
     metrics = {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()}
     metrics |= {f"decision/val_{k}": v for k, v in calibration.items()}
     metrics |= {"decision/tta": float(use_tta), "decision/temperature": temperature}
+    metrics |= {"decision/temperature_fitted": fitted}
     return served, metrics | {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, offsets, strict=True)}
 
 
