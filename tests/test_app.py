@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -97,6 +98,9 @@ def test_the_page_classifies_an_uploaded_or_dropped_image_like_evaluate(demo, br
     for name in CLASSES:  # the calibrated probabilities evaluate reported for this image, TTA included
         assert shown[name] == pytest.approx(expected.loc[files[0].stem, name], abs=1e-5)
     assert files[0].name in page.inner_text("#result h2")
+    decision = json.loads((pipeline / "models/decision.json").read_text())  # what the page says it applied
+    assert ("8 flipped and rotated views" in page.inner_text("#decision")) == decision["tta"]
+    assert ("with a temperature of" in page.inner_text("#decision")) == (decision["temperature"] != 1.0)
     top = max(shown, key=shown.get)
     assert page.get_attribute(".bar.top", "data-class") == top and f"({top})" in page.inner_text("#result h2")
     assert page.evaluate("document.getElementById('map').naturalWidth") == 32  # the map at the model's size

@@ -42,7 +42,7 @@ def analyse(model: torch.nn.Module, size: int, data: bytes) -> Analysis:
     """Decode the upload exactly as predict decodes a file (ImageReadError if it is no image), then classify and
     explain it."""
     image = load_image(io.BytesIO(data), size)
-    batch = image[None]
+    batch = image[None].copy()  # writable: torch would warn about the decoder's read-only buffer
     with torch.inference_mode():
         probs = model(torch.from_numpy(batch)).float().numpy()[0]
     heat = attention_rollout(check_explainable(model), batch)[0]

@@ -23,13 +23,20 @@ def create_app(source: ModelSource) -> Flask:
 
     def page(status: int = 200, **shown):
         try:
-            model = source.get().description
-            missing = None
+            loaded = source.get()
+            model, decision, missing = loaded.description, loaded.module.decision(), None
         except UserError as err:
-            model, missing = None, str(err)
+            model, decision, missing = None, None, str(err)
             status = 503 if status == 200 else status
         html = render_template(
-            "page.html", model=model, missing=missing, classes=CLASSES, names=CLASS_NAMES, max_mb=MAX_UPLOAD_MB, **shown
+            "page.html",
+            model=model,
+            decision=decision,
+            missing=missing,
+            classes=CLASSES,
+            names=CLASS_NAMES,
+            max_mb=MAX_UPLOAD_MB,
+            **shown,
         )
         return html, status
 
