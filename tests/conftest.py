@@ -60,6 +60,16 @@ def tiny_params(tmp_path) -> Params:
     return make_tiny_params(tmp_path)
 
 
+# Store locations a test process leaves in its environment (MLflow's set_tracking_uri and set_registry_uri write
+# them there); a command a test starts must get the store the test names, not the last one used in-process.
+STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def clean_environ() -> dict[str, str]:
+    """This process's environment without the MLflow store variables."""
+    return {k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,7 +108,7 @@ def start_model_server(model_uri: str, tracking_uri: str, cwd: Path, port: int) 
 
 
 def _start_healthy(cmd: list[str], cwd: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **env}
+    env = {**clean_environ(), **env}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     # its own process group: the server runs its workers as child processes, and stopping it must stop them all
     log = cwd / f"server-{port}.log"  # not a pipe: a server that logs every request would fill it and stall
@@ -153,7 +163,7 @@ OFFLINE = [
 
 def project_env() -> dict[str, str]:
     """The environment a user's shell gives the project's commands: the venv first, no tracking URI set."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**clean_environ(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.update(
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@example.com",
@@ -162,7 +172,6 @@ def project_env() -> dict[str, str]:
         DVC_NO_ANALYTICS="1",
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
     )
-    env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
@@ -219,9 +228,12 @@ class PostgresServer:
 
     def __init__(self, port: int):
         self.port = port
+        self.created = 0
 
-    def database(self, name: str) -> str:
-        """Create database `name`; its SQLAlchemy URL."""
+    def database(self, prefix: str) -> str:
+        """Create a new database named after `prefix` (unique in this server); its SQLAlchemy URL."""
+        self.created += 1
+        name = f"{prefix}_{self.created}"
         _checked([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "tester", name])
         return f"postgresql+psycopg2://tester@127.0.0.1:{self.port}/{name}"
 

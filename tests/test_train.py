@@ -37,7 +37,7 @@ from src.tracking.evaluate_run import evaluate
 from src.tracking.models import load_from_mlflow
 from src.tracking.registry import HEADLINE
 from src.tracking.train_run import train
-from tests.conftest import make_tiny_params
+from tests.conftest import clean_environ, make_tiny_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -303,6 +303,7 @@ def _run_train(params_file, cwd):
     return subprocess.Popen(
         [sys.executable, "-m", "src.train", "--params", str(params_file)],
         cwd=cwd,
+        env=clean_environ(),  # the params file's tracking store, not one an earlier test left in the environment
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -342,6 +343,7 @@ def test_killed_training_resumes_and_matches_uninterrupted(prepared, tmp_path):
     reference = subprocess.run(
         [sys.executable, "-m", "src.train", "--params", str(_write_params(ref, tmp_path / "ref.yaml"))],
         cwd=REPO,
+        env=clean_environ(),
         capture_output=True,
     )
     assert reference.returncode == 0, reference.stderr.decode()[-2000:]

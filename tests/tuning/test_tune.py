@@ -45,6 +45,7 @@ from src.tuning.study import (
     fail_dead_trials,
     make_pruner,
 )
+from tests.conftest import clean_environ
 
 REPO = Path(__file__).resolve().parents[2]
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
@@ -156,7 +157,7 @@ def _server_snapshot(storage: str) -> list[dict]:
 
 
 def _start_worker(params_file: Path, cwd: Path, trials: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**clean_environ(), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "src.tune", "--params", str(params_file), "--trials", str(trials)]
     log = cwd / f"worker-{time.monotonic_ns()}.log"
     with log.open("w") as out:
