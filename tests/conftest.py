@@ -218,11 +218,6 @@ def postgres_bin(name: str) -> str:
     return found
 
 
-def _checked(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)}: {result.stdout[-1500:]} {result.stderr[-1500:]}"
-
-
 class PostgresServer:
     """A running PostgreSQL server (trust authentication, user `tester`) that hands out fresh databases."""
 
@@ -234,7 +229,7 @@ class PostgresServer:
         """Create a new database named after `prefix` (unique in this server); its SQLAlchemy URL."""
         self.created += 1
         name = f"{prefix}_{self.created}"
-        _checked([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "tester", name])
+        run_ok([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "tester", name], Path("/"))
         return f"postgresql+psycopg2://tester@127.0.0.1:{self.port}/{name}"
 
 
@@ -248,10 +243,10 @@ def postgres() -> Iterator[PostgresServer]:
     if as_user:
         shutil.chown(root, "postgres")
     data, port = root / "data", free_port()
-    _checked([*as_user, postgres_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "tester"])
+    run_ok([*as_user, postgres_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "tester"], root)
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
     ctl = [*as_user, postgres_bin("pg_ctl"), "-D", str(data), "-l", str(root / "server.log")]
-    _checked([*ctl, "-o", options, "-w", "-t", "120", "start"])
+    run_ok([*ctl, "-o", options, "-w", "-t", "120", "start"], root)
     try:
         yield PostgresServer(port)
     finally:

@@ -80,7 +80,8 @@ def fit_decision(
     }
     # NLL's best temperature can still raise ECE (a model already calibrated, e.g. by label smoothing + TTA)
     improves = calibration["ece_fitted"] < calibration["ece_uncalibrated"]
-    temperature = fitted if params.evaluate.calibrate is True or (params.evaluate.calibrate and improves) else 1.0
+    keep = params.evaluate.calibrate is True or (params.evaluate.calibrate == "auto" and improves)
+    temperature = fitted if keep else 1.0
     probs = served_probs(logits, temperature)
     calibration["ece"] = expected_calibration_error(probs, labels)
     offsets = fit_offsets(probs, labels) if params.evaluate.prior_correction else np.zeros(len(CLASSES))
