@@ -81,6 +81,18 @@ class ModelParams(Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     drop_path: float = Field(0.1, ge=0, lt=1)
     patch_size: int | None = Field(None, ge=2, description="override the model's patch size (from-scratch only)")
+    stem: Literal["patch", "conv"] = Field(
+        "patch", description="ViT patch embedding: one strided conv (patch) or stride-2 3x3 convs (from scratch)"
+    )
+
+    @model_validator(mode="after")
+    def _conv_stem_from_scratch(self) -> ModelParams:
+        if self.stem == "conv" and (self.pretrained or self.weights is not None):
+            raise ValueError(
+                "model.stem: conv replaces the patch embedding that pretrained weights were trained with; "
+                "use it with model.pretrained: false and no model.weights, or set model.stem: patch"
+            )
+        return self
 
 
 class AugmentParams(Section):

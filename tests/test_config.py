@@ -39,6 +39,7 @@ def test_unknown_section_is_an_error(tmp_path):
         ("data:\n  source: ftp\n", "kaggle"),
         ("data:\n  source: local\n", "local_path"),
         ("train:\n  lr: -1\n", "train.lr"),
+        ("model:\n  stem: conv\n", "model.stem: conv replaces"),
         ("tune:\n  lr: [0.1, 0.001]\n", "lower bound"),
         ("tune:\n  weight_decay: [0.0, 0.1]\n", "log scale"),
     ],

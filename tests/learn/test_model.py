@@ -29,6 +29,22 @@ def test_patch_size_override():
     assert model.backbone.patch_embed.num_patches == 16
 
 
+def test_conv_stem_keeps_the_token_grid_and_learns():
+    patchify = build_model(TINY, 32)
+    model = build_model(TINY.model_copy(update={"stem": "conv"}), 32)
+    embed = model.backbone.patch_embed
+    assert embed.grid_size == patchify.backbone.patch_embed.grid_size
+    convs = [m for m in embed.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 4 and convs[0].kernel_size == (3, 3)  # 16 = 2**4
+    model(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).sum().backward()
+    assert convs[0].weight.grad is not None and convs[0].weight.grad.abs().sum() > 0
+
+
+def test_conv_stem_needs_a_power_of_two_patch():
+    with pytest.raises(ModelError, match="power of 2"):
+        build_model(TINY.model_copy(update={"stem": "conv", "patch_size": 6}), 36)
+
+
 def test_unknown_model_and_missing_weights_are_clear_errors(tmp_path):
     with pytest.raises(ModelError, match="unknown timm model"):
         build_model(TINY.model_copy(update={"name": "not_a_model"}), 32)
