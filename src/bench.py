@@ -1,7 +1,7 @@
 """Speed benchmark: the device's ceiling, model-only and real training throughput, a naive baseline, inference.
 
     python -m src.bench [--params params.yaml] [-S key=value ...] [--images DIR] [--steps N] [--max-images N]
-                        [--output bench/bench.json] [--compile] [--workers N ...]
+                        [--output bench/bench.json] [--compile] [--workers N ...] [--precision fp32|bf16 ...]
 
 The measures live in src/benchmark/; this module parses the options, runs them and writes the table and JSON.
 """
@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also time the real path with these loader worker counts, e.g. --workers 0 1",
     )
+    p.add_argument(
+        "--precision",
+        dest="precisions",
+        action="append",
+        choices=["fp32", "bf16"],
+        default=[],
+        help="measure in this precision (repeatable); default: fp32, and bf16 where the device has it natively",
+    )
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -48,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             max_images=args.max_images,
             compile=args.compile,
             workers=tuple(args.workers),
+            precisions=tuple(args.precisions),
         )
         result = run_benchmark(cli.load(args), opts)
         write_json(args.output, result)

@@ -141,7 +141,10 @@ class TrainParams(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="training compute: auto = bf16 where the device has native bf16 (CUDA, AMX/AVX512-BF16)"
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads; null = all cores")
+    threads: int | None = Field(None, ge=1, description="CPU threads per process; null = the cores shared out")
+    nproc: int = Field(
+        1, ge=1, description="data-parallel processes on this machine (torchrun + DDP); train.batch_size stays global"
+    )
     num_workers: int | None = Field(None, ge=0, description="loader workers; null = chosen for the device")
     channels_last: bool = False
     compile: bool = False

@@ -31,23 +31,20 @@ from src.learn.data import CachedImages, SplitData, train_loader, train_transfor
 from src.learn.engine import seed_everything
 from src.learn.inference import classify
 from src.learn.model import Probabilities, build_model
+from src.learn.precision import autocast, native_bf16
 
 log = logging.getLogger(__name__)
 
 
-def measure_ceiling(device: torch.device, opts: BenchOptions) -> dict[str, float]:
-    """The device's matmul throughput in fp32 (and bf16 on CUDA, the dtype the training step computes in)."""
+def measure_ceiling(device: torch.device, opts: BenchOptions, precision: str) -> dict[str, float]:
+    """The device's matmul throughput in the precision the training step computes in (fp32 or bf16)."""
     n = 8192 if device.type == "cuda" else 2048
-    out = {"ceiling_gflops": matmul_gflops(device, torch.float32, n, opts.ceiling_seconds)}
-    if device.type == "cuda":
-        out["ceiling_bf16_gflops"] = matmul_gflops(device, torch.bfloat16, n, opts.ceiling_seconds)
-    log.info("ceiling %.0f GFLOP/s", ceiling_of(out))
+    if precision == "bf16" and not native_bf16(device):
+        n = 512  # emulated bf16 runs at under 1 GFLOP/s (AMD Zen 3): one 2048 multiply would take minutes
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    out = {"ceiling_gflops": matmul_gflops(device, dtype, n, opts.ceiling_seconds)}
+    log.info("%s ceiling %.0f GFLOP/s", precision, out["ceiling_gflops"])
     return out
-
-
-def ceiling_of(out: dict[str, float]) -> float:
-    """The ceiling in the dtype the training step computes in."""
-    return out.get("ceiling_bf16_gflops", out["ceiling_gflops"])
 
 
 def measure_model_only(
@@ -151,10 +148,17 @@ def measure_compiled(
 def measure_inference(
     params: Params, files: list[Path], size: int, batch_size: int = 64, single: int = 20
 ) -> dict[str, float]:
-    """The predict path (classify) on batches (median images/s, decode included) and on single files (median ms)."""
+    """The predict path (classify) on batches (median images/s, decode included) and on single files (median ms),
+    in train.precision (fp32, or bf16 autocast as `predict --precision bf16` runs)."""
     cpu = torch.device("cpu")
     seed_everything(params.train.seed)
     model = Probabilities(build_model(params.model, size)).eval()
+    with autocast(cpu, params.train.precision):
+        return _timed_inference(model, files, size, batch_size, single)
+
+
+def _timed_inference(model: nn.Module, files: list[Path], size: int, batch_size: int, single: int) -> dict:
+    cpu = torch.device("cpu")
     classify(model, files[:batch_size], size, batch_size)  # warm-up
     reset_peak_memory(cpu)
     rates = []  # per batch; the median, as for training

@@ -7,9 +7,7 @@ Row = tuple[str, str, str, str]  # measure, value, unit, note
 
 def _model_rows(r: dict) -> list[Row]:
     """The device's ceiling, the model-only step and, when measured, its torch.compile'd twin."""
-    rows = [("device ceiling, fp32 matmul", f"{r['ceiling_gflops']:.1f}", "GFLOP/s", "")]
-    if "ceiling_bf16_gflops" in r:
-        rows.append(("device ceiling, bf16 matmul", f"{r['ceiling_bf16_gflops']:.1f}", "GFLOP/s", ""))
+    rows = [("device ceiling, matmul", f"{r['ceiling_gflops']:.1f}", "GFLOP/s", "")]
     rows += [
         (
             "model-only train step",
@@ -100,19 +98,39 @@ def _baseline_rows(r: dict) -> list[Row]:
 
 
 def format_table(result: dict) -> str:
-    """The figures as a plain-text table."""
-    c, r = result["config"], result
-    rows = _model_rows(r) + _real_path_rows(r, c) + _baseline_rows(r)
+    """The figures as a plain-text table: one block of rows per precision, then what bf16 gains over fp32."""
+    c = result["config"]
     head = (
         f"{c['model']} at {c['image_size']} px, batch {c['batch_size']}, {c['device']} ({c['device_name']}), "
         f"{c['threads']} threads, {c['workers']} workers, {c['n_images']} images ({c['images']}), "
-        f"{c['steps']} steps, torch {c['torch']}, training in {c.get('precision', 'fp32')} "
-        f"(native bf16: {native_bf16_text(c)})"
+        f"{c['steps']} steps, torch {c['torch']} (native bf16: {native_bf16_text(c)})"
     )
-    width = max(len(row[0]) for row in rows)
-    lines = [head, f"{'measure':<{width}}  {'value':>9}  {'unit':<8}  note"]
-    lines += [f"{name:<{width}}  {value:>9}  {unit:<8}  {note}".rstrip() for name, value, unit, note in rows]
+    process = {"baseline_rss_mb": result["baseline_rss_mb"]}
+    blocks = {
+        precision: _model_rows(r) + _real_path_rows(r, c) + _baseline_rows(r | process)
+        for precision, r in result["precisions"].items()
+    }
+    width = max(len(row[0]) for rows in blocks.values() for row in rows)
+    lines = [head]
+    for precision, rows in blocks.items():
+        lines += ["", f"{'in ' + precision:<{width}}  {'value':>9}  {'unit':<8}  note"]
+        lines += [f"{name:<{width}}  {value:>9}  {unit:<8}  {note}".rstrip() for name, value, unit, note in rows]
+    if "fp32" in result["precisions"] and "bf16" in result["precisions"]:
+        lines += ["", bf16_gain(result["precisions"])]
     return "\n".join(lines)
+
+
+def bf16_gain(by_precision: dict) -> str:
+    """bf16's speed over fp32's for the rows that matter: >1 is faster."""
+    fp32, bf16 = by_precision["fp32"], by_precision["bf16"]
+    gains = {
+        "ceiling": bf16["ceiling_gflops"] / fp32["ceiling_gflops"],
+        "model-only": bf16["model_only_images_per_s"] / fp32["model_only_images_per_s"],
+        "real path": bf16["real_path_images_per_s"] / fp32["real_path_images_per_s"],
+        "inference batches": bf16["inference_images_per_s"] / fp32["inference_images_per_s"],
+        "single image": fp32["inference_single_latency_ms"] / bf16["inference_single_latency_ms"],
+    }
+    return "bf16 over fp32: " + ", ".join(f"{name} {gain:.2f}x" for name, gain in gains.items())
 
 
 def native_bf16_text(config: dict) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from src.config import CLASSES, AugmentParams, PathsParams, TrainParams
@@ -222,16 +222,53 @@ def class_weights(labels: np.ndarray, mode: str) -> np.ndarray:
     return w / w[counts > 0].mean()
 
 
-def make_sampler(labels: np.ndarray, mode: str) -> WeightedRandomSampler | None:
-    """A WeightedRandomSampler drawing classes in proportion to count^(1-power); None for 'none'.
+def sample_weights(labels: np.ndarray, mode: str) -> torch.Tensor | None:
+    """Per-sample draw weights so that classes are drawn in proportion to count^(1-power); None for 'none'."""
+    return None if mode == "none" else torch.as_tensor(class_weights(labels, mode)[labels], dtype=torch.double)
 
-    It draws from torch's global RNG, which the training loop reseeds every epoch, so a resumed run
-    sees the same batches as an uninterrupted one.
+
+def make_sampler(labels: np.ndarray, mode: str) -> WeightedRandomSampler | None:
+    """A WeightedRandomSampler over `sample_weights` (the naive benchmark path); None for 'none'."""
+    weights = sample_weights(labels, mode)
+    return None if weights is None else WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Global batches cut from one stream of sample indices, each split over the data-parallel ranks.
+
+    The stream is class-balanced with replacement (WeightedRandomSampler's draw) or, without weights, a
+    permutation. It comes from torch's global RNG, which the training loop reseeds every epoch identically on every
+    rank: all ranks draw the same stream, a resumed run the same as an uninterrupted one. Global batch g is
+    positions [g*B, (g+1)*B) and rank r trains on its r-th part, so no position is seen by two ranks in a step and
+    the ranks' parts together are exactly the batch one process trains on.
     """
-    if mode == "none":
-        return None
-    weights = class_weights(labels, mode)[labels]
-    return WeightedRandomSampler(torch.as_tensor(weights), num_samples=len(labels), replacement=True)
+
+    def __init__(self, weights: torch.Tensor | None, n: int, batch_size: int, drop_last: bool, rank=0, world=1):
+        if batch_size % world:
+            raise DataError(
+                f"train.batch_size {batch_size} does not split evenly over {world} processes; use a multiple of "
+                f"{world} (it stays the global batch: every process trains on batch_size / {world} per step)"
+            )
+        if world > 1 and n < batch_size:
+            raise DataError(
+                f"train split: {n} images, fewer than train.batch_size {batch_size}; data-parallel training "
+                "needs at least one full batch (lower train.batch_size)"
+            )
+        self.weights, self.n, self.batch_size = weights, n, batch_size
+        self.drop_last, self.rank, self.part = drop_last or world > 1, rank, batch_size // world
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.weights is None:
+            stream = torch.randperm(self.n)
+        else:
+            stream = torch.multinomial(self.weights, self.n, replacement=True)
+        stream = stream.tolist()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            batch = stream[start : start + self.batch_size]
+            yield batch[self.rank * self.part : (self.rank + 1) * self.part]
 
 
 def default_workers(device: torch.device) -> int:
@@ -276,14 +313,16 @@ def make_loader(
     sampler=None,
     shuffle: bool = False,
     drop_last: bool = False,
+    batch_sampler: Sampler | None = None,
 ) -> DataLoader:
     workers = default_workers(device) if workers is None else workers
+    batching = {"batch_sampler": batch_sampler}
+    if batch_sampler is None:
+        batching = {"batch_size": batch_size, "sampler": sampler, "shuffle": shuffle and sampler is None}
+        batching["drop_last"] = drop_last
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=shuffle and sampler is None,
-        drop_last=drop_last,
+        **batching,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
@@ -291,11 +330,16 @@ def make_loader(
     )
 
 
-def train_loader(split: SplitData, train: TrainParams, device: torch.device) -> DataLoader:
-    """The training loader: class-balanced sampling (or a seeded shuffle) and drop_last."""
+def train_loader(split: SplitData, train: TrainParams, device: torch.device, rank: int = 0, world: int = 1):
+    """The training loader: this rank's part of each class-balanced (or shuffled) global batch of
+    train.batch_size; an incomplete last batch is dropped when there is a full one."""
     labels = split.dataset.labels
-    sampler = make_sampler(labels, train.sampler)
-    drop_last = len(labels) > train.batch_size
-    return make_loader(
-        split.dataset, train.batch_size, device, train.num_workers, sampler=sampler, shuffle=True, drop_last=drop_last
+    batches = ShardedBatches(
+        sample_weights(labels, train.sampler),
+        len(labels),
+        train.batch_size,
+        len(labels) > train.batch_size,
+        rank,
+        world,
     )
+    return make_loader(split.dataset, train.batch_size, device, train.num_workers, batch_sampler=batches)

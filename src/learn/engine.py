@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -17,11 +18,13 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from src.config import CLASSES, TrainParams
 from src.errors import UserError
+from src.learn import distributed
 from src.learn.checkpoint import save_checkpoint
 from src.learn.metrics import summary_metrics
 from src.learn.precision import autocast, resolve_precision
@@ -77,6 +80,12 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
 def make_optimizer(model: nn.Module, train: TrainParams, device: torch.device) -> torch.optim.AdamW:
     groups = param_groups(model, train.weight_decay, train.layer_decay)
     return torch.optim.AdamW(groups, lr=train.lr, fused=device.type == "cuda")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under the DDP and torch.compile wrappers: what the EMA follows and checkpoints save."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -135,18 +144,22 @@ def train_one_epoch(
     norm_sum = torch.zeros((), device=device)
     seen, updates, start = 0, 0, time.perf_counter()
     n_batches = len(loader)
-    for i, (images, labels) in enumerate(tqdm(loader, desc=desc, leave=False, mininterval=2)):
+    batches = tqdm(loader, desc=desc, leave=False, mininterval=2, disable=not distributed.is_main())
+    for i, (images, labels) in enumerate(batches):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        stepping = (i + 1) % train.grad_accum_steps == 0 or i + 1 == n_batches
         targets = labels
         if mixer is not None:
             images, targets = mix_batch(mixer, images, labels)
-        with autocast(device, precision):
-            loss = loss_fn(model(images), targets)
-        total = loss + train.l1 * l1_penalty(optimizer) if train.l1 else loss
-        (total / train.grad_accum_steps).backward()
+        # DDP averages gradients over the ranks in backward; between optimizer steps it need not
+        with model.no_sync() if not stepping and hasattr(model, "no_sync") else contextlib.nullcontext():
+            with autocast(device, precision):
+                loss = loss_fn(model(images), targets)
+            total = loss + train.l1 * l1_penalty(optimizer) if train.l1 else loss
+            (total / train.grad_accum_steps).backward()
         loss_sum += loss.detach() * len(labels)
         seen += len(labels)
-        if (i + 1) % train.grad_accum_steps == 0 or i + 1 == n_batches:
+        if stepping:
             lr = lr_at(sched.step, sched.total_steps, sched.warmup_steps, train.lr, train.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -155,16 +168,18 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             sched.step += 1
             if ema is not None:
-                ema.update(getattr(model, "_orig_mod", model), step=sched.step)
+                ema.update(unwrap(model), step=sched.step)
             updates += 1
             if sched.step == updates == ETA_AFTER_STEPS:  # the first steps of a fresh run
                 log_estimate(sched, (time.perf_counter() - start) / updates, device)
-    mean_loss = (loss_sum / max(seen, 1)).item()
+    # over all ranks: the mean loss of every image trained on, and the images all ranks trained on per second
+    loss_sum, seen = distributed.sum_across(torch.stack([loss_sum, torch.tensor(float(seen), device=device)])).tolist()
+    mean_loss = loss_sum / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"training loss is {mean_loss}; lower train.lr or enable train.clip_grad_norm")
     return {
         "train/loss": mean_loss,
-        "train/grad_norm": (norm_sum / max(updates, 1)).item(),
+        "train/grad_norm": (norm_sum / max(updates, 1)).item(),  # after DDP's averaging: the same on every rank
         "train/images_per_s": seen / (time.perf_counter() - start),
         "lr": lr_at(max(sched.step - 1, 0), sched.total_steps, sched.warmup_steps, train.lr, train.min_lr),
     }
@@ -217,8 +232,10 @@ def predict(
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, prefix: str = "val") -> dict[str, float]:
-    """Loss, accuracy and balanced accuracy on a loader."""
+    """Loss, accuracy and balanced accuracy on a loader (data-parallel: on every rank's part of the split together,
+    so that all ranks see the same numbers and take the same keep/stop decisions)."""
     probs, labels = predict(model, loader, device)
+    probs, labels = distributed.gather_rows(probs), distributed.gather_rows(labels)
     nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()
     return {f"{prefix}/{k}": v for k, v in {"loss": float(nll), **summary_metrics(labels, probs)}.items()}
 
@@ -370,7 +387,10 @@ def fit(
     `resume` is a last.pt checkpoint to continue from. `config` and `extra` are recorded in checkpoints.
     """
     train_loader, val_loader = loaders
-    raw_model = getattr(model, "_orig_mod", model)  # torch.compile wraps; save the plain module
+    # DDP wraps the (possibly compiled) model: evaluate without it (its forward syncs buffers across ranks, and the
+    # ranks' val parts may differ by a batch); torch.compile wraps the plain module, which checkpoints save
+    local_model = model.module if isinstance(model, DistributedDataParallel) else model
+    raw_model = unwrap(model)
     steps_per_epoch = math.ceil(len(train_loader) / train.grad_accum_steps)
     learner = make_learner(raw_model, train, device, steps_per_epoch, class_weight)
     state = FitState() if resume is None else learner.restore(raw_model, resume)
@@ -395,7 +415,7 @@ def fit(
             ema=learner.ema,
             mixer=learner.mixer,
         )
-        val_metrics, weights = validate(model, learner.ema, val_loader, device)
+        val_metrics, weights = validate(local_model, learner.ema, val_loader, device)
         metrics |= val_metrics | {"epoch_seconds": time.perf_counter() - start}
         improved = state.record(epoch + 1, metrics)
         _log_epoch(epoch + 1, train, metrics)

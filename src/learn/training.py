@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 
 from src.config import Params
 from src.fileio import read_json, write_json, write_text
+from src.learn import distributed
 from src.learn.checkpoint import CheckpointError, load_checkpoint
 from src.learn.data import (
     CachedImages,
@@ -81,6 +85,7 @@ def run_config(params: Params, image_size: int) -> dict:
         "model": params.model.model_dump(mode="json"),
         "train": params.train.model_dump(mode="json"),
         "data": {"image_size": image_size, "split_hash": split_hash},
+        "processes": distributed.world_size(),  # another number of ranks splits the batches differently
     }
 
 
@@ -101,10 +106,21 @@ def resumable_checkpoint(checkpoint_dir: Path, config: dict) -> dict | None:
 
 
 def configure_threads(params: Params) -> torch.device:
-    device = select_device(params.train.device)
+    """The device to train on; on a CPU, train.threads per process or the machine's cores shared out among the
+    processes torchrun started on it (torchrun itself would leave each one thread)."""
+    device = distributed.setup(select_device(params.train.device))
     if device.type == "cpu":
-        torch.set_num_threads(params.train.threads or os.cpu_count() or 1)
+        cores = max(1, (os.cpu_count() or 1) // distributed.local_world_size())
+        torch.set_num_threads(params.train.threads or cores)
     return device
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around the model when torchrun started several processes: it starts every rank from rank 0's weights
+    and averages the gradients in backward."""
+    if distributed.world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def run_training(
@@ -122,10 +138,11 @@ def run_training(
     freeze_early(model, params.train.freeze_blocks)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if params.train.compile else model
+    runner = data_parallel(torch.compile(model) if params.train.compile else model, device)
+    val_part = Subset(data.val.dataset, distributed.shard(len(data.val.dataset)).tolist())
     loaders = (
-        train_loader(data.train, params.train, device),
-        make_loader(data.val.dataset, params.evaluate.batch_size, device, params.train.num_workers),
+        train_loader(data.train, params.train, device, distributed.rank(), distributed.world_size()),
+        make_loader(val_part, params.evaluate.batch_size, device, params.train.num_workers),
     )
     weight = None
     if params.train.class_weights != "none":

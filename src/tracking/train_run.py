@@ -6,12 +6,16 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
+
 from src.config import Params
+from src.learn import distributed
 from src.learn.checkpoint import load_checkpoint, save_checkpoint
-from src.learn.engine import FitResult, select_device
+from src.learn.engine import FitResult
 from src.learn.precision import compute_description
 from src.learn.training import (
     TrainData,
+    configure_threads,
     load_train_data,
     resumable_checkpoint,
     run_config,
@@ -42,15 +46,29 @@ def _fit_and_save(params: Params, data: TrainData, checkpoint_dir: Path, resume:
 
 
 def train(params: Params) -> dict[str, float]:
-    """The train stage: fit (resuming if possible), write the best model and reports, log to MLflow."""
-    paths = params.paths
+    """The train stage: fit (resuming if possible), write the best model and reports, log to MLflow.
+
+    Under torchrun every process runs this; rank 0 reads the resume checkpoint (and hands it to the others), and
+    only rank 0 writes checkpoints, the model, reports and the MLflow run."""
     data = load_train_data(params)
+    device = configure_threads(params)  # joins torchrun's process group when started by it
+    try:
+        if not distributed.is_main():
+            run_training(params, data, None, distributed.broadcast(None))
+            return {}
+        return _train_main(params, data, device)
+    finally:
+        distributed.teardown()
+
+
+def _train_main(params: Params, data: TrainData, device: torch.device) -> dict[str, float]:
+    paths = params.paths
     checkpoint_dir = paths.models / "checkpoints"
-    resume = resumable_checkpoint(checkpoint_dir, run_config(params, data.image_size))
+    resume = distributed.broadcast(resumable_checkpoint(checkpoint_dir, run_config(params, data.image_size)))
     if resume is None and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
     tracking.connect(params.tracking)
-    compute = compute_description(params.train.precision, select_device(params.train.device))
+    compute = compute_description(params.train.precision, device) | {"compute.processes": str(distributed.world_size())}
     log.info(
         "training in %s on %s (CPU units: %s)",
         compute["compute.precision"],

@@ -38,7 +38,7 @@ FIGURES = (
 )
 
 
-def test_bench_writes_every_figure(tmp_path, capsys):
+def test_bench_writes_every_figure_in_each_precision(tmp_path, capsys):
     output = tmp_path / "out" / "bench.json"
     argv = [
         "--params",
@@ -61,17 +61,27 @@ def test_bench_writes_every_figure(tmp_path, capsys):
         "40",
         "--output",
         str(output),
+        "--precision",  # both, forced: bf16 runs emulated where the CPU has no bf16 units
+        "fp32",
+        "--precision",
+        "bf16",
     ]
     assert bench.main(argv) == 0
     result = json.loads(output.read_text())
-    for key in FIGURES:
-        assert isinstance(result[key], float) and result[key] > 0, key
+    assert set(result["precisions"]) == {"fp32", "bf16"}
+    for precision, figures in result["precisions"].items():
+        for key in FIGURES:
+            top = key in ("cache_build_images_per_s", "baseline_rss_mb")  # once per process, not per precision
+            value = result[key] if top else figures[key]
+            assert isinstance(value, float) and value > 0, (precision, key)
     config = result["config"]
+    assert config["precisions"] == ["fp32", "bf16"]
     assert config["model"] == "test_vit" and config["image_size"] == 32 and config["batch_size"] == 8
     assert config["device"] == "cpu" and config["workers"] == 0 and config["torch"] == torch.__version__
     assert config["n_images"] == 40 and config["images"] == "synthetic"
     printed = capsys.readouterr().out
     assert "real path" in printed and str(output) in printed
+    assert "in fp32" in printed and "in bf16" in printed and "bf16 over fp32: ceiling" in printed
     assert not list(output.parent.glob(".*.tmp"))  # written atomically
 
 
