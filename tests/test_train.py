@@ -264,6 +264,20 @@ def test_predict_explain_writes_a_map_per_image(evaluated, synthetic_raw, tmp_pa
     assert filecmp.cmp(tmp_path / "checkpoint.csv", tmp_path / "registry.csv", shallow=False)
 
 
+def test_predict_in_bf16_runs_the_registered_model_under_autocast(evaluated, synthetic_raw, tmp_path):
+    params, _ = evaluated
+    files = [str(f) for f in sorted((synthetic_raw / "images").glob("*.jpg"))[:4]]
+    champion = f"models:/{params.tracking.registered_model}-synthetic@champion"
+    frames = {}
+    for precision in ("fp32", "bf16"):  # bf16 takes the eager model the registered one carries (the export cannot)
+        out = tmp_path / f"{precision}.csv"
+        argv = [*files, "-o", str(out), "--model", champion, "--precision", precision]
+        assert predict.main([*argv, "-S", f"tracking.uri={params.tracking.uri}"]) == 0
+        frames[precision] = pd.read_csv(out).set_index("image")
+    difference = (frames["bf16"] - frames["fp32"]).abs().to_numpy()
+    assert 0 < difference.max() < 0.05  # bf16 arithmetic: close, not the same numbers
+
+
 def test_predict_without_a_tracking_store_says_so_and_creates_none(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # default params: tracking.uri sqlite:///mlflow.db, which does not exist here
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
