@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from timm.layers import convert_sync_batchnorm
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
@@ -115,12 +116,16 @@ def configure_threads(params: Params) -> torch.device:
     return device
 
 
-def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP around the model when torchrun started several processes: it starts every rank from rank 0's weights
-    and averages the gradients in backward."""
-    if distributed.world_size() == 1:
-        return model
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+def make_runner(model: nn.Module, params: Params, device: torch.device) -> nn.Module:
+    """What the loop calls: the model, compiled when asked, and in DDP when torchrun started several processes
+    (DDP starts every rank from rank 0's weights and averages the gradients in backward)."""
+    data_parallel = distributed.world_size() > 1
+    if data_parallel and device.type == "cuda":  # batch norm (model.stem: conv) over the global batch: GPUs only
+        convert_sync_batchnorm(model)  # timm's: keeps the activation fused in its BatchNormAct layers; in place
+    runner = torch.compile(model) if params.train.compile else model
+    if not data_parallel:
+        return runner
+    return DistributedDataParallel(runner, device_ids=[device] if device.type == "cuda" else None)
 
 
 def run_training(
@@ -138,7 +143,7 @@ def run_training(
     freeze_early(model, params.train.freeze_blocks)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    runner = data_parallel(torch.compile(model) if params.train.compile else model, device)
+    runner = make_runner(model, params, device)
     val_part = Subset(data.val.dataset, distributed.shard(len(data.val.dataset)).tolist())
     loaders = (
         train_loader(data.train, params.train, device, distributed.rank(), distributed.world_size()),
