@@ -48,11 +48,9 @@ def run_benchmark(params: Params, opts: BenchOptions) -> dict:
         files, labels = [files[i] for i in kept], labels[kept]
         out["cache_build_images_per_s"] = len(files) / (time.perf_counter() - start)
         log.info("%d images (%s) cached at %d px", len(files), source, size)
-        out["precisions"] = {}
+        inputs, out["precisions"] = BenchInputs(files, labels, cache), {}
         for precision in precisions:
-            train = params.train.model_copy(update={"precision": precision})
-            inputs = BenchInputs(files, labels, cache)
-            at = params.model_copy(update={"train": train})
+            at = params.model_copy(update={"train": params.train.model_copy(update={"precision": precision})})
             out["precisions"][precision] = measure_precision(at, device, inputs, opts)
     out["config"] = bench_config(params, device, opts, source, len(files)) | {"precisions": precisions}
     return out
