@@ -160,15 +160,7 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(labels)
         seen += len(labels)
         if stepping:
-            lr = lr_at(sched.step, sched.total_steps, sched.warmup_steps, train.lr, train.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            norm_sum += clip_gradients(model, train)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sched.step += 1
-            if ema is not None:
-                ema.update(unwrap(model), step=sched.step)
+            norm_sum += optimizer_step(model, optimizer, train, sched, ema)
             updates += 1
             if sched.step == updates == ETA_AFTER_STEPS:  # the first steps of a fresh run
                 log_estimate(sched, (time.perf_counter() - start) / updates, device)
@@ -183,6 +175,22 @@ def train_one_epoch(
         "train/images_per_s": seen / (time.perf_counter() - start),
         "lr": lr_at(max(sched.step - 1, 0), sched.total_steps, sched.warmup_steps, train.lr, train.min_lr),
     }
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainParams, sched: Schedule, ema: ModelEmaV3 | None
+) -> torch.Tensor:
+    """Set the scheduled lr (scaled per group), clip, step, advance the schedule and the EMA; the pre-clip norm."""
+    lr = lr_at(sched.step, sched.total_steps, sched.warmup_steps, train.lr, train.min_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    norm = clip_gradients(model, train)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sched.step += 1
+    if ema is not None:
+        ema.update(unwrap(model), step=sched.step)
+    return norm
 
 
 def log_estimate(sched: Schedule, seconds_per_step: float, device: torch.device) -> None:
