@@ -160,7 +160,11 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    promote_metric: str = "test/balanced_accuracy"
+    promote_metric: str = Field(
+        "val_served/balanced_accuracy",
+        description="what a new version must beat the champion on: val_served/... (the served model on val: "
+        "models are chosen on val) or test/...",
+    )
     batch_size: int = Field(128, ge=1)
     tta: bool | Literal["auto"] = Field(
         "auto", description="average probabilities over the 8 flips/rotations; auto = when it helps on val"
@@ -186,7 +190,7 @@ class TuneParams(Section):
     weight_decay: tuple[float, float] = (1e-4, 0.3)
     dropout: tuple[float, float] = (0.0, 0.5)
     clip_grad_norm: tuple[float, float] = (0.1, 10.0)
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(16, ge=1)
     train_fraction: float = Field(0.25, gt=0, le=1)
     image_size: int | None = Field(None, ge=16)
     pruner: Literal["successive_halving", "hyperband", "median", "none"] = "successive_halving"

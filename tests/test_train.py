@@ -29,7 +29,15 @@ from src.ingest.download import SOURCE_FILE
 from src.ingest.rawdata import DataError
 from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from src.learn.explain import check_explainable
-from src.learn.inference import ISIC_COLUMNS, classify, load_from_checkpoint, load_trained, predict_files
+from src.learn.inference import (
+    ISIC_COLUMNS,
+    classify,
+    load_from_checkpoint,
+    load_trained,
+    predict_files,
+    probabilities,
+)
+from src.learn.metrics import balanced_accuracy
 from src.learn.training import load_train_data
 from src.prepare.imaging import load_image
 from src.prepare.split import split
@@ -88,6 +96,9 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     params, metrics = evaluated
     assert {"test/balanced_accuracy", "test/macro_roc_auc", "test/melanoma_sensitivity"} <= set(metrics)
     assert {"test/balanced_accuracy_no_correction", "test/balanced_accuracy_no_tta_no_correction"} <= set(metrics)
+    for prefix in ("test", "val_served"):  # the served model on test, and on val (what promotion compares)
+        low, high = metrics[f"{prefix}/balanced_accuracy_ci_low"], metrics[f"{prefix}/balanced_accuracy_ci_high"]
+        assert 0 <= low <= metrics[f"{prefix}/balanced_accuracy"] <= high <= 1
     assert metrics["decision/tta"] == 1.0
     # calibration: a temperature fitted on val (NLL), kept by `auto` only where it lowers val ECE
     temperature = json.loads((params.paths.models / "decision.json").read_text())["temperature"]
@@ -127,6 +138,7 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
         "git.commit",
         "promotion",
         *HEADLINE,
+        "val_served/balanced_accuracy",  # what promotion compared: the served model on val
     }  # the full metrics stay on the run
 
     # the MLflow model, its pyfunc flavour (what `mlflow models serve` runs) and predict --checkpoint all
@@ -143,6 +155,14 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
         assert not failures
         for ours, theirs in ISIC_COLUMNS.items():
             np.testing.assert_allclose(frame[ours], expected[theirs], atol=1e-5)
+    # what promotion compares is what the served model scores on the val images
+    val = pd.read_csv(params.paths.splits / "val.csv")
+    _, val_probs, _ = probabilities(
+        from_registry, [synthetic_raw / "images" / f"{i}.jpg" for i in val["image_id"]], size
+    )
+    assert balanced_accuracy(val["label"].to_numpy(), val_probs) == pytest.approx(
+        metrics["val_served/balanced_accuracy"], abs=1e-9
+    )
     decision = params.paths.models / "decision.json"
     stale = json.loads(decision.read_text()) | {"checkpoint": "another-run:1"}
     decision.write_text(json.dumps(stale))  # a decision made for another model is not applied to this one
@@ -156,11 +176,12 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     evaluate(params)  # the same model again: not better, so it is challenger and the champion stays
     challenger = client.get_model_version_by_alias(name, "challenger")
     assert str(challenger.version) == "2" and "does not beat champion v1" in challenger.tags["promotion"]
-    assert "scored on this test split" in challenger.tags["promotion"]
+    assert challenger.tags["promotion"].startswith("val_served/balanced_accuracy ")
+    assert "scored on this split" in challenger.tags["promotion"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
-def test_a_champion_scored_on_another_test_split_is_rescored_on_this_one(trained, synthetic_raw, tmp_path):
+def test_a_champion_scored_on_another_split_is_rescored_on_this_one(trained, synthetic_raw, tmp_path):
     """Promotion compares scores on the same images: a champion from another split is loaded and scored again."""
     first, _ = trained
     params = make_tiny_params(tmp_path)
@@ -179,10 +200,10 @@ def test_a_champion_scored_on_another_test_split_is_rescored_on_this_one(trained
     challenger = client.get_model_version_by_alias("rescored-synthetic", "challenger")
     assert (str(champion.version), str(challenger.version)) == ("1", "2")
     assert champion.tags["data.split_hash"] != challenger.tags["data.split_hash"]
-    # the same weights on the same images score the same: no promotion, and the tag says what was compared
-    score = f"{metrics['test/balanced_accuracy']:.4f}"
+    # the same weights on the same val images score the same: no promotion, and the tag says what was compared
+    score = f"{metrics['val_served/balanced_accuracy']:.4f}"
     assert challenger.tags["promotion"] == (
-        f"test/balanced_accuracy {score} does not beat champion v1 {score} (rescored on this test split)"
+        f"val_served/balanced_accuracy {score} does not beat champion v1 {score} (rescored on this split)"
     )
 
 

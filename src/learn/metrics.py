@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from scipy import stats
 from sklearn import metrics as skm
 
 from src.config import CLASSES
@@ -26,6 +27,37 @@ def summary_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
 def balanced_accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mean per-class recall of the argmax decision."""
     return float(skm.balanced_accuracy_score(labels, probs.argmax(axis=1)))
+
+
+def balanced_accuracy_interval(
+    labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of balanced accuracy, resampling whole groups (lesions).
+
+    Images of one lesion are not independent, so lesions are what is drawn; with ~20 images of the rarest
+    classes in a split the interval is wide, and it says which differences between two runs mean anything.
+    """
+    _, group = np.unique(np.asarray(groups), return_inverse=True)
+    seen = np.zeros((group.max() + 1, len(CLASSES)))
+    np.add.at(seen, (group, labels), 1)
+    right = labels == probs.argmax(axis=1)
+    hits = np.zeros_like(seen)
+    np.add.at(hits, (group[right], labels[right]), 1)
+
+    def resampled(drawn: np.ndarray) -> float:  # the groups one bootstrap sample holds
+        n, h = seen[drawn].sum(axis=0), hits[drawn].sum(axis=0)
+        return float((h[n > 0] / n[n > 0]).mean())
+
+    result = stats.bootstrap(
+        (np.arange(len(seen)),),
+        resampled,
+        n_resamples=resamples,
+        vectorized=False,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(0),  # the same interval for the same predictions
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def _roc_auc(labels: np.ndarray, probs: np.ndarray, k: int) -> float:

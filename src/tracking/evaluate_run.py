@@ -22,7 +22,7 @@ from src.learn.decision import apply_offsets, fit_offsets
 from src.learn.engine import predict, select_device
 from src.learn.explain import ExplainError, attention_rollout, gallery_picks
 from src.learn.inference import CHECKPOINT_FILE, DECISION_FILE, load_trained, probabilities, save_decision
-from src.learn.metrics import balanced_accuracy, confusion, full_metrics, roc_curves
+from src.learn.metrics import balanced_accuracy, balanced_accuracy_interval, confusion, full_metrics, roc_curves
 from src.learn.model import AllViews, Classifier, Probabilities
 from src.tracking import registry
 from src.tracking import runs as tracking
@@ -31,6 +31,10 @@ from src.tracking.plots import confusion_png, explanation_gallery_png, reliabili
 
 log = logging.getLogger(__name__)
 ISIC_TEST = "isic2018_test"
+# The served model (TTA, temperature, offsets) on val: what the registry promotes on by default. Not `val/`, which
+# holds training's per-epoch curve of the raw/EMA weights in the same run.
+VAL_SERVED = "val_served/"
+RESCORED_SPLITS = {VAL_SERVED: "val", "test/": "test"}  # promote-metric prefix -> the split it is recomputed on
 
 
 def predictions_frame(frame: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
@@ -52,11 +56,32 @@ def split_loader(params: Params, name: str, image_size: int, device: torch.devic
     return split, make_loader(split.dataset, params.evaluate.batch_size, device, params.train.num_workers)
 
 
+def lesions(frame: pd.DataFrame) -> np.ndarray:
+    """The group each image is resampled with: its lesion (an image without a lesion id stands alone)."""
+    ids = frame["lesion_id"] if "lesion_id" in frame else pd.Series(np.nan, index=frame.index)
+    return ids.fillna(frame["image_id"]).astype(str).to_numpy()
+
+
 def view_logits(classifier: Classifier, params: Params, name: str, image_size: int, device: torch.device):
     """One pass over a split: the logits of all 8 views (N, 8, classes), the labels and the split."""
     split, loader = split_loader(params, name, image_size, device)
     logits, labels = predict(AllViews(classifier), loader, device, softmax=False)
     return logits, labels, split
+
+
+def choose_temperature(logits: np.ndarray, labels: np.ndarray, calibrate: bool | str) -> tuple[float, float, dict]:
+    """The NLL-fitted temperature, the one served (fitted, or 1 where `auto` finds it does not lower val ECE), and
+    val ECE uncalibrated, fitted and served."""
+    fitted = fit_temperature(logits, labels) if calibrate else 1.0
+    calibration = {
+        "ece_uncalibrated": expected_calibration_error(served_probs(logits), labels),
+        "ece_fitted": expected_calibration_error(served_probs(logits, fitted), labels),
+    }
+    # NLL's best temperature can still raise ECE (a model already calibrated, e.g. by label smoothing + TTA)
+    improves = calibration["ece_fitted"] < calibration["ece_uncalibrated"]
+    temperature = fitted if calibrate is True or (calibrate == "auto" and improves) else 1.0
+    calibration["ece"] = expected_calibration_error(served_probs(logits, temperature), labels)
+    return fitted, temperature, calibration
 
 
 def fit_decision(
@@ -65,25 +90,15 @@ def fit_decision(
     """The served model, fitted on the val split: TTA when asked (or, for `auto`, when it helps on val), the
     temperature (when `evaluate.calibrate`), then the prior correction; with metrics (decision/) that say what
     each part did on val."""
-    logits, labels, _ = view_logits(classifier, params, "val", image_size, device)
+    logits, labels, split = view_logits(classifier, params, "val", image_size, device)
     bacc = {
         "plain": balanced_accuracy(labels, served_probs(logits[:, :1])),
         "tta": balanced_accuracy(labels, served_probs(logits)),
     }
     use_tta = bacc["tta"] > bacc["plain"] if params.evaluate.tta == "auto" else bool(params.evaluate.tta)
     logits = logits if use_tta else logits[:, :1]
-    uncalibrated = served_probs(logits)
-    fitted = fit_temperature(logits, labels) if params.evaluate.calibrate else 1.0
-    calibration = {
-        "ece_uncalibrated": expected_calibration_error(uncalibrated, labels),
-        "ece_fitted": expected_calibration_error(served_probs(logits, fitted), labels),
-    }
-    # NLL's best temperature can still raise ECE (a model already calibrated, e.g. by label smoothing + TTA)
-    improves = calibration["ece_fitted"] < calibration["ece_uncalibrated"]
-    keep = params.evaluate.calibrate is True or (params.evaluate.calibrate == "auto" and improves)
-    temperature = fitted if keep else 1.0
+    fitted, temperature, calibration = choose_temperature(logits, labels, params.evaluate.calibrate)
     probs = served_probs(logits, temperature)
-    calibration["ece"] = expected_calibration_error(probs, labels)
     offsets = fit_offsets(probs, labels) if params.evaluate.prior_correction else np.zeros(len(CLASSES))
     served = Probabilities(classifier, use_tta, torch.tensor(offsets, dtype=torch.float32), temperature)
     bacc["corrected"] = balanced_accuracy(labels, apply_offsets(probs, offsets))
@@ -100,11 +115,19 @@ def fit_decision(
         calibration["ece_uncalibrated"],
         calibration["ece_fitted"],
     )
-    metrics = {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()}
+    metrics = served_metrics(labels, served_probs(logits, temperature, offsets), lesions(split.frame), VAL_SERVED)
+    metrics |= {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()}
     metrics |= {f"decision/val_{k}": v for k, v in calibration.items()}
     metrics |= {"decision/tta": float(use_tta), "decision/temperature": temperature}
     metrics |= {"decision/temperature_fitted": fitted}
     return served, metrics | {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, offsets, strict=True)}
+
+
+def served_metrics(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, prefix: str) -> dict[str, float]:
+    """Everything full_metrics reports, with the lesion-bootstrap interval of balanced accuracy, under `prefix`."""
+    low, high = balanced_accuracy_interval(labels, probs, groups)
+    metrics = full_metrics(labels, probs) | {"balanced_accuracy_ci_low": low, "balanced_accuracy_ci_high": high}
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
 def split_metrics(served: Probabilities, params: Params, name: str, image_size: int, device: torch.device) -> dict:
@@ -116,7 +139,7 @@ def split_metrics(served: Probabilities, params: Params, name: str, image_size: 
     temperature, offsets = float(served.temperature), served.offsets.cpu().numpy()
     probs = served_probs(served_logits, temperature, offsets)
     uncalibrated = served_probs(served_logits)
-    metrics = full_metrics(labels, probs) | {
+    metrics = served_metrics(labels, probs, lesions(split.frame), "") | {
         "balanced_accuracy_no_correction": balanced_accuracy(labels, served_probs(served_logits, temperature)),
         "balanced_accuracy_no_tta_no_correction": balanced_accuracy(labels, served_probs(logits[:, :1])),
         "ece": expected_calibration_error(probs, labels),
@@ -129,10 +152,12 @@ def split_metrics(served: Probabilities, params: Params, name: str, image_size: 
     write_calibration_reports(labels, uncalibrated, probs, eces, params.paths.reports, name)
     write_explanations(served.classifier, split, labels, probs, params.paths.reports, name)
     log.info(
-        "%s: balanced accuracy %.4f (no prior correction %.4f, plain %.4f), accuracy %.4f, macro AUC %.4f, "
-        "ECE %.4f (uncalibrated %.4f) (%d images)",
+        "%s: balanced accuracy %.4f (95%% CI %.3f-%.3f over lesions; no prior correction %.4f, plain %.4f), "
+        "accuracy %.4f, macro AUC %.4f, ECE %.4f (uncalibrated %.4f) (%d images)",
         name,
         metrics["balanced_accuracy"],
+        metrics["balanced_accuracy_ci_low"],
+        metrics["balanced_accuracy_ci_high"],
         metrics["balanced_accuracy_no_correction"],
         metrics["balanced_accuracy_no_tta_no_correction"],
         metrics["accuracy"],
@@ -204,18 +229,22 @@ def example_images(params: Params, image_size: int, n: int = 2) -> np.ndarray:
 
 
 def score_registered(model_uri: str, params: Params, metric: str) -> float | None:
-    """A registered model's `test/...` metric on today's test split: its own decision rule, images decoded from
-    data/raw at its own size. None for a metric that this cannot recompute."""
-    if not metric.startswith("test/"):
+    """A registered model's `val_served/...` or `test/...` metric on today's val or test split: its own decision
+    rule, images decoded from data/raw at its own size. None for a metric that this cannot recompute."""
+    prefix = next((p for p in RESCORED_SPLITS if metric.startswith(p)), None)
+    if prefix is None:
         return None
-    split = load_split(params.paths, "test")
+    name = RESCORED_SPLITS[prefix]
+    split = load_split(params.paths, name)
     model, size = load_from_mlflow(model_uri, tracking.tracking_uri(params.tracking))
     files = [image_path(params.paths.raw, image_id) for image_id in split.frame["image_id"]]
     _, probs, failures = probabilities(model, files, size, params.evaluate.batch_size)  # an export: on the CPU
     if failures:
-        raise DataError(f"scoring {model_uri} on the test split: {len(failures)} unreadable images, e.g. {failures[0]}")
-    score = full_metrics(split.frame["label"].to_numpy(), probs).get(metric.removeprefix("test/"))
-    log.info("%s on today's test split (%d images at %d px): %s %s", model_uri, len(files), size, metric, score)
+        raise DataError(
+            f"scoring {model_uri} on the {name} split: {len(failures)} unreadable images, e.g. {failures[0]}"
+        )
+    score = full_metrics(split.frame["label"].to_numpy(), probs).get(metric.removeprefix(prefix))
+    log.info("%s on today's %s split (%d images at %d px): %s %s", model_uri, name, len(files), size, metric, score)
     return score
 
 

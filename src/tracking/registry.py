@@ -1,8 +1,9 @@
 """The model registry: the name a model goes under, the few tags a version carries, and promotion judged on the
-test split the new model was scored on.
+split images the new model was scored on.
 
-A version becomes `champion` only when it beats the current champion on the same test split: when the champion
-was scored on another split (another seed, other data), it is loaded from the registry and scored again on
+A version becomes `champion` only when it beats the current champion on `evaluate.promote_metric` on the same
+images (by default the served model's val balanced accuracy: models are chosen on val, never on test): when the
+champion was scored on another split (another seed, other data), it is loaded from the registry and scored again on
 today's. Models trained on generated data are registered under `<name>-synthetic`, so the champion that
 `src.predict` uses by default is always a model trained on real images.
 """
@@ -28,13 +29,13 @@ SYNTHETIC_SUFFIX = "-synthetic"
 HEADLINE = ("test/balanced_accuracy", "test/macro_roc_auc", "test/melanoma_sensitivity", "test/melanoma_specificity")
 PROVENANCE = ("data.source", "data.split_hash", "git.commit")
 
-Rescore = Callable[[str], float | None]  # model URI -> its promote metric on today's test split (None: cannot)
+Rescore = Callable[[str], float | None]  # model URI -> its promote metric on today's split (None: cannot)
 
 
 @dataclass
 class Comparison:
     version: str | None  # the champion's, None when there is none
-    score: float | None  # its promote metric on today's test split, None when it could not be measured
+    score: float | None  # its promote metric on today's split, None when it could not be measured
     how: str
 
 
@@ -47,19 +48,19 @@ def registered_name(tracking: TrackingParams, tags: dict[str, str]) -> str:
 def compare_with_champion(
     client: MlflowClient, name: str, metric: str, split_hash: str, rescore: Rescore
 ) -> Comparison:
-    """The champion's score on the test split the new version was scored on."""
+    """The champion's score on the split the new version was scored on."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return Comparison(None, None, "no champion yet")
     if champion.tags.get("data.split_hash") == split_hash and metric in champion.tags:
-        return Comparison(champion.version, _full_precision(client, champion, metric), "scored on this test split")
+        return Comparison(champion.version, _full_precision(client, champion, metric), "scored on this split")
     try:
         score = rescore(f"models:/{name}/{champion.version}")
     except (UserError, MlflowException, OSError) as err:  # the new version is still registered, not promoted
-        log.warning("champion v%s could not be scored on this test split: %s", champion.version, err)
-        return Comparison(champion.version, None, f"could not be scored on this test split ({type(err).__name__})")
-    how = "rescored on this test split" if score is not None else f"{metric} cannot be recomputed on this test split"
+        log.warning("champion v%s could not be scored on this split: %s", champion.version, err)
+        return Comparison(champion.version, None, f"could not be scored on this split ({type(err).__name__})")
+    how = "rescored on this split" if score is not None else f"{metric} cannot be recomputed on this split"
     return Comparison(champion.version, score, how)
 
 
@@ -99,7 +100,7 @@ def register(
     metric: str,
     rescore: Rescore,
 ) -> dict[str, object]:
-    """Register a version, tag it, make it `challenger`, and `champion` if it beats the champion on this test split."""
+    """Register a version, tag it, make it `challenger`, and `champion` if it beats the champion on this split."""
     if metric not in metrics:
         raise TrackingError(
             f"evaluate.promote_metric: {metric!r} is not a computed metric; choose one of {sorted(metrics)}"

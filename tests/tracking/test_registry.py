@@ -50,12 +50,12 @@ def test_a_champion_that_cannot_be_rescored_keeps_its_alias_and_the_new_version_
     def unloadable(uri):
         raise UserError(f"cannot load model {uri}")
 
-    result = register_scored(store, 0.9, "split-b", rescore=unloadable)  # better, but on another test split
+    result = register_scored(store, 0.9, "split-b", rescore=unloadable)  # better, but on another split
     client = MlflowClient()
     assert not result["promoted"] and str(client.get_model_version_by_alias("lesions", "champion").version) == "1"
     new = client.get_model_version("lesions", "2")
     assert new.tags["promotion"] == (
-        "champion v1: could not be scored on this test split (UserError); not promoted (set the alias by hand)"
+        "champion v1: could not be scored on this split (UserError); not promoted (set the alias by hand)"
     )
     assert str(client.get_model_version_by_alias("lesions", "challenger").version) == "2"
 
@@ -65,4 +65,4 @@ def test_the_same_score_again_does_not_beat_the_champion_whatever_its_rounded_ta
     result = register_scored(store, 0.561234, "split-a", rescore=None)  # the tag holds 0.5612
     assert not result["promoted"]
     tag = MlflowClient().get_model_version("lesions", "2").tags["promotion"]
-    assert tag == f"{METRIC} 0.5612 does not beat champion v1 0.5612 (scored on this test split)"
+    assert tag == f"{METRIC} 0.5612 does not beat champion v1 0.5612 (scored on this split)"

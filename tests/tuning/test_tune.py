@@ -235,7 +235,7 @@ def _epochs_run(pruner: optuna.pruners.BasePruner, epochs: int, trials: int) -> 
 
 
 def test_successive_halving_stops_most_trials_at_its_first_rungs():
-    """The default pruner stops most trials after 1 or 4 of 12 epochs; the median pruner lets most run on.
+    """The default pruner stops most trials after 1 or 4 of 16 epochs; the median pruner lets most run on.
 
     TPE proposes ever better trials here, which successive halving promotes more often than a random order
     would (about 1 in 4): a pessimistic case.
