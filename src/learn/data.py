@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +242,8 @@ class ShardedBatches(Sampler[list[int]]):
     permutation. It comes from torch's global RNG, which the training loop reseeds every epoch identically on every
     rank: all ranks draw the same stream, a resumed run the same as an uninterrupted one. Global batch g is
     positions [g*B, (g+1)*B) and rank r trains on its r-th part, so no position is seen by two ranks in a step and
-    the ranks' parts together are exactly the batch one process trains on.
+    the ranks' parts together are exactly the batch one process trains on. Once the stream is drawn, each rank of
+    several reseeds from the epoch's seed and its rank, so that the ranks' augmentation and dropout draws differ.
     """
 
     def __init__(self, weights: torch.Tensor | None, n: int, batch_size: int, drop_last: bool, rank=0, world=1):
@@ -255,7 +258,7 @@ class ShardedBatches(Sampler[list[int]]):
                 "needs at least one full batch (lower train.batch_size)"
             )
         self.weights, self.n, self.batch_size = weights, n, batch_size
-        self.drop_last, self.rank, self.part = drop_last or world > 1, rank, batch_size // world
+        self.drop_last, self.rank, self.world, self.part = drop_last or world > 1, rank, world, batch_size // world
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
@@ -266,9 +269,24 @@ class ShardedBatches(Sampler[list[int]]):
         else:
             stream = torch.multinomial(self.weights, self.n, replacement=True)
         stream = stream.tolist()
+        if self.world > 1:
+            torch.manual_seed(rank_seed(torch.initial_seed(), self.rank))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = stream[start : start + self.batch_size]
             yield batch[self.rank * self.part : (self.rank + 1) * self.part]
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of this rank's own, derived from the seed all ranks share."""
+    return (seed + 1_000_003 * (rank + 1)) % 2**63
+
+
+def rank_worker_seeds(rank: int, worker_id: int) -> None:
+    """DataLoader worker init: the loader seeds workers alike on every rank; give this rank's workers their own."""
+    seed = rank_seed(torch.initial_seed(), rank)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def default_workers(device: torch.device) -> int:
@@ -314,6 +332,7 @@ def make_loader(
     shuffle: bool = False,
     drop_last: bool = False,
     batch_sampler: Sampler | None = None,
+    worker_init_fn=None,
 ) -> DataLoader:
     workers = default_workers(device) if workers is None else workers
     batching = {"batch_sampler": batch_sampler}
@@ -327,6 +346,7 @@ def make_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=worker_init_fn,
     )
 
 
@@ -342,4 +362,7 @@ def train_loader(split: SplitData, train: TrainParams, device: torch.device, ran
         rank,
         world,
     )
-    return make_loader(split.dataset, train.batch_size, device, train.num_workers, batch_sampler=batches)
+    init = partial(rank_worker_seeds, rank) if world > 1 else None
+    return make_loader(
+        split.dataset, train.batch_size, device, train.num_workers, batch_sampler=batches, worker_init_fn=init
+    )

@@ -42,6 +42,21 @@ def test_ranks_split_each_global_batch_of_one_stream(mode):
         assert len(parts[0][step]) == len(parts[1][step]) == 8
 
 
+def test_ranks_draw_their_own_augmentation_after_the_shared_stream():
+    """Every rank draws the same stream; what the epoch draws after it (augmentation, dropout) differs per rank, and
+    one process draws exactly what it drew before (nothing reseeded)."""
+    after = {}
+    for world, rank in ((1, 0), (2, 0), (2, 1)):
+        _batches("balanced", world, rank)
+        after[world, rank] = torch.rand(4)
+    torch.manual_seed(3)
+    torch.multinomial(sample_weights(LABELS, "balanced"), len(LABELS), replacement=True)
+    assert torch.equal(after[1, 0], torch.rand(4))
+    assert not torch.equal(after[2, 0], after[2, 1]) and not torch.equal(after[2, 0], after[1, 0])
+    _batches("balanced", 2, 1)
+    assert torch.equal(after[2, 1], torch.rand(4))  # reproducible: a resumed epoch draws the same
+
+
 def test_batches_that_cannot_be_split_are_clear_errors():
     with pytest.raises(DataError, match="train.batch_size 15 does not split evenly over 2"):
         ShardedBatches(None, 100, 15, True, 0, 2)
