@@ -56,12 +56,6 @@ def split_loader(params: Params, name: str, image_size: int, device: torch.devic
     return split, make_loader(split.dataset, params.evaluate.batch_size, device, params.train.num_workers)
 
 
-def lesions(frame: pd.DataFrame) -> np.ndarray:
-    """The group each image is resampled with: its lesion (an image without a lesion id stands alone)."""
-    ids = frame["lesion_id"] if "lesion_id" in frame else pd.Series(np.nan, index=frame.index)
-    return ids.fillna(frame["image_id"]).astype(str).to_numpy()
-
-
 def view_logits(classifier: Classifier, params: Params, name: str, image_size: int, device: torch.device):
     """One pass over a split: the logits of all 8 views (N, 8, classes), the labels and the split."""
     split, loader = split_loader(params, name, image_size, device)
@@ -115,7 +109,7 @@ def fit_decision(
         calibration["ece_uncalibrated"],
         calibration["ece_fitted"],
     )
-    metrics = served_metrics(labels, served_probs(logits, temperature, offsets), lesions(split.frame), VAL_SERVED)
+    metrics = served_metrics(labels, served_probs(logits, temperature, offsets), split.frame, VAL_SERVED)
     metrics |= {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()}
     metrics |= {f"decision/val_{k}": v for k, v in calibration.items()}
     metrics |= {"decision/tta": float(use_tta), "decision/temperature": temperature}
@@ -123,9 +117,10 @@ def fit_decision(
     return served, metrics | {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, offsets, strict=True)}
 
 
-def served_metrics(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray, prefix: str) -> dict[str, float]:
-    """Everything full_metrics reports, with the lesion-bootstrap interval of balanced accuracy, under `prefix`."""
-    low, high = balanced_accuracy_interval(labels, probs, groups)
+def served_metrics(labels: np.ndarray, probs: np.ndarray, frame: pd.DataFrame, prefix: str) -> dict[str, float]:
+    """Everything full_metrics reports, with the lesion-bootstrap interval of balanced accuracy, under `prefix`
+    (every split index has a lesion_id; the ISIC test set's is the image id, it publishes no groupings)."""
+    low, high = balanced_accuracy_interval(labels, probs, frame["lesion_id"].to_numpy())
     metrics = full_metrics(labels, probs) | {"balanced_accuracy_ci_low": low, "balanced_accuracy_ci_high": high}
     return {f"{prefix}{k}": v for k, v in metrics.items()}
 
@@ -139,7 +134,7 @@ def split_metrics(served: Probabilities, params: Params, name: str, image_size: 
     temperature, offsets = float(served.temperature), served.offsets.cpu().numpy()
     probs = served_probs(served_logits, temperature, offsets)
     uncalibrated = served_probs(served_logits)
-    metrics = served_metrics(labels, probs, lesions(split.frame), "") | {
+    metrics = served_metrics(labels, probs, split.frame, "") | {
         "balanced_accuracy_no_correction": balanced_accuracy(labels, served_probs(served_logits, temperature)),
         "balanced_accuracy_no_tta_no_correction": balanced_accuracy(labels, served_probs(logits[:, :1])),
         "ece": expected_calibration_error(probs, labels),
