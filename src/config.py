@@ -84,6 +84,9 @@ class ModelParams(Section):
     stem: Literal["patch", "conv"] = Field(
         "patch", description="ViT patch embedding: one strided conv (patch) or stride-2 3x3 convs (from scratch)"
     )
+    patch_drop: float = Field(
+        0.0, ge=0, lt=1, description="ViT: fraction of patch tokens dropped at random in training (PatchDropout)"
+    )
 
     @model_validator(mode="after")
     def _conv_stem_from_scratch(self) -> ModelParams:

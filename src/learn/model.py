@@ -107,10 +107,19 @@ def _create(params: ModelParams, image_size: int, pretrained: bool) -> nn.Module
         kwargs["pretrained_cfg_overlay"] = {"file": str(params.weights)}
     if params.patch_size is not None:
         kwargs["patch_size"] = params.patch_size
+    if params.patch_drop > 0:
+        kwargs["patch_drop_rate"] = params.patch_drop
     try:
         return timm.create_model(params.name, pretrained=pretrained, img_size=image_size, **kwargs)
     except TypeError:  # models without a fixed input size (CNNs) take no img_size
+        pass
+    try:
         return timm.create_model(params.name, pretrained=pretrained, **kwargs)
+    except TypeError as err:
+        raise ModelError(
+            f"cannot build {params.name} with these model params ({err}); "
+            "model.patch_size and model.patch_drop apply to ViTs only: leave them at null and 0"
+        ) from err
 
 
 def use_conv_stem(backbone: nn.Module, image_size: int) -> None:

@@ -29,6 +29,26 @@ def test_patch_size_override():
     assert model.backbone.patch_embed.num_patches == 16
 
 
+def tokens_into_the_first_block(model: nn.Module, images: torch.Tensor) -> int:
+    seen = []
+    hook = model.backbone.blocks[0].register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    model(images)
+    hook.remove()
+    return seen[0]
+
+
+def test_patch_drop_thins_the_tokens_in_training_only():
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    model = build_model(TINY.model_copy(update={"patch_drop": 0.5}), 64)  # 4x4 patches of 16 px + class token
+    assert tokens_into_the_first_block(model.train(), images) == 1 + 8
+    assert tokens_into_the_first_block(model.eval(), images) == 1 + 16
+
+
+def test_patch_drop_on_a_model_without_patches_is_a_clear_error():
+    with pytest.raises(ModelError, match="model.patch_drop"):
+        build_model(TINY.model_copy(update={"name": "test_resnet", "patch_drop": 0.5}), 64)
+
+
 def test_conv_stem_keeps_the_token_grid_and_learns():
     patchify = build_model(TINY, 32)
     model = build_model(TINY.model_copy(update={"stem": "conv"}), 32)
