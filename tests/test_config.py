@@ -19,6 +19,12 @@ def test_repository_params_are_valid():
     assert params.tracking.uri == "sqlite:///mlflow.db"
 
 
+def test_repository_params_state_the_defaults():
+    # params.yaml is the documented set of defaults: a default changed in one place only would run `dvc repro`
+    # with the old value while the docs (and `Params()`) say the new one.
+    assert load_params(REPO / "params.yaml").model_dump() == Params().model_dump()
+
+
 def test_unknown_key_names_key_and_allowed_values(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_params(write(tmp_path, "train:\n  learning_rate: 0.1\n"))
