@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from src import predict
+from src.compare import main as compare_main
 from src.config import CLASSES
 from src.fileio import write_json
 from src.ingest.download import SOURCE_FILE
@@ -179,6 +180,18 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     assert challenger.tags["promotion"].startswith("val_served/balanced_accuracy ")
     assert "scored on this split" in challenger.tags["promotion"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def test_evaluated_runs_compare_through_their_logged_predictions(evaluated, capsys):
+    """The run logs the served model's predictions on test and val; `src.compare` reads them back by run id."""
+    params, metrics = evaluated
+    run_id = load_checkpoint(params.paths.models / "best.pt")["mlflow_run_id"]
+    store = ["-S", f"tracking.uri={params.tracking.uri}", "--json"]
+    for name, metric, local in (("test", "test", "predictions.csv"), ("val", "val_served", "predictions_val.csv")):
+        assert compare_main([run_id, str(params.paths.reports / local), "--split", name, *store]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["first"] == pytest.approx(metrics[f"{metric}/balanced_accuracy"], abs=1e-9)
+        assert result["difference"] == 0 and result["agree"] == 1
 
 
 def test_a_champion_scored_on_another_split_is_rescored_on_this_one(trained, synthetic_raw, tmp_path):

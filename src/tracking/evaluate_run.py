@@ -40,7 +40,8 @@ RESCORED_SPLITS = {VAL_SERVED: "val", "test/": "test"}  # promote-metric prefix 
 def predictions_frame(frame: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
     out = pd.DataFrame(probs, columns=list(CLASSES))
     out.insert(0, "image_id", frame["image_id"].to_numpy())
-    out.insert(1, "dx", frame["dx"].to_numpy())
+    out.insert(1, "lesion_id", frame["lesion_id"].to_numpy())  # what `src.compare` resamples
+    out.insert(2, "dx", frame["dx"].to_numpy())
     out["predicted"] = [CLASSES[k] for k in probs.argmax(axis=1)]
     return out
 
@@ -109,7 +110,11 @@ def fit_decision(
         calibration["ece_uncalibrated"],
         calibration["ece_fitted"],
     )
-    metrics = served_metrics(labels, served_probs(logits, temperature, offsets), split.frame, VAL_SERVED)
+    served_val = served_probs(logits, temperature, offsets)
+    write_text(
+        params.paths.reports / "predictions_val.csv", predictions_frame(split.frame, served_val).to_csv(index=False)
+    )
+    metrics = served_metrics(labels, served_val, split.frame, VAL_SERVED)
     metrics |= {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()}
     metrics |= {f"decision/val_{k}": v for k, v in calibration.items()}
     metrics |= {"decision/tta": float(use_tta), "decision/temperature": temperature}
@@ -260,7 +265,7 @@ def evaluate(params: Params) -> dict[str, float]:
         tracking.log_metrics(metrics)
         for png in sorted(params.paths.reports.glob("*.png")):
             tracking.log_artifact(png, "evaluation")
-        for table in ("evaluate.json", "confusions.csv", "calibration.csv"):
+        for table in ("evaluate.json", "confusions.csv", "calibration.csv", "predictions.csv", "predictions_val.csv"):
             tracking.log_artifact(params.paths.reports / table, "evaluation")
         if not params.tracking.log_model:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")

@@ -1,8 +1,10 @@
-"""Metrics: the bootstrap interval of balanced accuracy resamples lesions, not images."""
+"""Metrics: the bootstrap intervals of balanced accuracy (one model, and the paired difference of two) resample
+lesions, not images."""
 
 import numpy as np
+import pytest
 
-from src.learn.metrics import balanced_accuracy, balanced_accuracy_interval
+from src.learn.metrics import balanced_accuracy, balanced_accuracy_difference, balanced_accuracy_interval
 
 
 def _predictions(lesions: int, images_per_lesion: int, seed: int = 0):
@@ -35,3 +37,29 @@ def test_images_of_one_lesion_count_once():
     single_low, single_high = balanced_accuracy_interval(*_predictions(300, 1))
     assert high - low > 1.8 * (naive_high - naive_low)
     assert abs((high - low) - (single_high - single_low)) < 0.3 * (single_high - single_low)
+
+
+def _fixing(labels: np.ndarray, probs: np.ndarray, lesions: np.ndarray, share: float) -> np.ndarray:
+    """The same predictions with the wrong answers for a share of the lesions made right."""
+    fixed = probs.copy()
+    chosen = np.isin(lesions, np.flatnonzero(np.random.default_rng(1).random(lesions.max() + 1) < share))
+    fixed[chosen] = np.eye(7)[labels[chosen]]
+    return fixed
+
+
+def test_the_paired_difference_sees_what_the_separate_intervals_cannot():
+    labels, probs, lesions = _predictions(300, 3)
+    better = _fixing(labels, probs, lesions, 0.15)  # about 0.04 more balanced accuracy, on some lesions only
+    gain, low, high = balanced_accuracy_difference(labels, better, probs, lesions)
+    assert gain == pytest.approx(balanced_accuracy(labels, better) - balanced_accuracy(labels, probs))
+    assert 0 < low < gain < high
+    # each model's own interval overlaps the other's: taken apart, the runs look alike
+    assert (
+        balanced_accuracy_interval(labels, better, lesions)[0] < balanced_accuracy_interval(labels, probs, lesions)[1]
+    )
+    assert balanced_accuracy_difference(labels, probs, better, lesions) == pytest.approx((-gain, -high, -low))
+
+
+def test_the_same_predictions_differ_by_nothing():
+    labels, probs, lesions = _predictions(100, 2)
+    assert balanced_accuracy_difference(labels, probs, probs, lesions) == (0.0, 0.0, 0.0)
