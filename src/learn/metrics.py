@@ -83,7 +83,7 @@ def balanced_accuracy_difference(
     """Balanced accuracy of A minus that of B on the same images, with a paired lesion-bootstrap interval.
 
     Both models are scored on each bootstrap sample, so what the two get right together cancels: the interval of
-    the difference is far narrower than the two runs' own intervals suggest, and it is what says whether A beats B.
+    the difference is narrower than resampling the two runs apart would give, and it is what says whether A beats B.
     """
     _, group = np.unique(np.asarray(groups), return_inverse=True)
     seen, hits_a = _lesion_tallies(labels, labels == probs_a.argmax(axis=1), group)

@@ -23,33 +23,29 @@ class ComparisonError(UserError, ValueError):
     """Predictions that cannot be compared; the message says which and what to do."""
 
 
-def _download(run_id: str, split: str, tracking_uri: str) -> Path:
-    """The run's logged predictions for the split, in a temporary folder."""
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id,
-                artifact_path=ARTIFACTS[split],
-                dst_path=tempfile.mkdtemp(prefix="compare-"),
-                tracking_uri=tracking_uri,
+def _read_logged(run_id: str, split: str, tracking_uri: str) -> tuple[pd.DataFrame, str]:
+    """The predictions the run logged for the split, and where they came from."""
+    with tempfile.TemporaryDirectory(prefix="compare-") as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=ARTIFACTS[split], dst_path=folder, tracking_uri=tracking_uri
             )
-        )
-    except (MlflowException, OSError) as err:
-        raise ComparisonError(
-            f"{run_id}: neither a predictions CSV nor an MLflow run with {ARTIFACTS[split]} in {tracking_uri} "
-            f"({type(err).__name__}). Give a run that `python -m src.evaluate` finished (runs evaluated before "
-            "predictions were logged have none), or the path of its reports/predictions.csv"
-        ) from None
+        except (MlflowException, OSError) as err:
+            raise ComparisonError(
+                f"{run_id}: neither a predictions CSV nor an MLflow run with {ARTIFACTS[split]} in {tracking_uri} "
+                f"({type(err).__name__}). Give a run that `python -m src.evaluate` finished (runs evaluated before "
+                "predictions were logged have none), or the path of its reports/predictions.csv"
+            ) from None
+        return pd.read_csv(path), f"run {run_id}: {ARTIFACTS[split]}"
 
 
 def load_predictions(ref: str, split: str, tracking_uri: str) -> pd.DataFrame:
     """Predictions by image id, from a CSV path or an MLflow run id."""
-    path = Path(ref) if Path(ref).is_file() else _download(ref, split, tracking_uri)
-    frame = pd.read_csv(path)
+    frame, source = (pd.read_csv(ref), ref) if Path(ref).is_file() else _read_logged(ref, split, tracking_uri)
     missing = [c for c in NEEDED if c not in frame.columns]
     if missing:
         raise ComparisonError(
-            f"{path}: no column {', '.join(missing)}; predictions from an older evaluate lack lesion_id: "
+            f"{source}: no column {', '.join(missing)}; predictions from an older evaluate lack lesion_id: "
             "run `python -m src.evaluate` again to write them"
         )
     return frame.set_index("image_id")
