@@ -2,10 +2,10 @@
 
 import json
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from src.compare import main
 from src.config import CLASSES
@@ -68,13 +68,14 @@ def test_predictions_on_other_images_or_without_lesions_are_refused(tmp_path, ca
 
 def test_runs_compare_through_their_logged_predictions(tmp_path, capsys):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(store)
+    client = MlflowClient(store)  # not the fluent API: its active experiment may belong to another test's store
+    experiment = client.create_experiment("compare", artifact_location=(tmp_path / "artifacts").as_uri())
     split, runs = _split(), []
     for seed, right in ((1, 0.9), (2, 0.5)):
         _predictions(split, right, seed).to_csv(tmp_path / "predictions.csv", index=False)
-        with mlflow.start_run() as run:
-            mlflow.log_artifact(str(tmp_path / "predictions.csv"), "evaluation")
-        runs.append(run.info.run_id)
+        run_id = client.create_run(experiment).info.run_id
+        client.log_artifact(run_id, str(tmp_path / "predictions.csv"), "evaluation")
+        runs.append(run_id)
     code, out, _ = _run(capsys, *runs, "-S", f"tracking.uri={store}")
     assert code == 0 and "A is better" in out
     code, _, err = _run(capsys, runs[0], "0123456789abcdef", "-S", f"tracking.uri={store}")

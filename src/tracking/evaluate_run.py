@@ -18,7 +18,7 @@ from src.ingest.rawdata import DataError, image_path
 from src.learn.calibration import brier_score, expected_calibration_error, fit_temperature, reliability, served_probs
 from src.learn.confusions import top_confusions
 from src.learn.data import SplitData, load_split, make_loader
-from src.learn.decision import apply_offsets, fit_offsets
+from src.learn.decision import fit_offsets
 from src.learn.engine import predict, select_device
 from src.learn.explain import ExplainError, attention_rollout, gallery_picks
 from src.learn.inference import CHECKPOINT_FILE, DECISION_FILE, load_trained, probabilities, save_decision
@@ -96,7 +96,8 @@ def fit_decision(
     probs = served_probs(logits, temperature)
     offsets = fit_offsets(probs, labels) if params.evaluate.prior_correction else np.zeros(len(CLASSES))
     served = Probabilities(classifier, use_tta, torch.tensor(offsets, dtype=torch.float32), temperature)
-    bacc["corrected"] = balanced_accuracy(labels, apply_offsets(probs, offsets))
+    served_val = served_probs(logits, temperature, offsets)  # exactly what the served model answers on val
+    bacc["corrected"] = balanced_accuracy(labels, served_val)
     log.info(
         "val: balanced accuracy plain %.4f, TTA %.4f (%s), with prior correction %.4f (fitted here; offsets %s); "
         "temperature %.3f fitted (%s): ECE %.4f -> %.4f",
@@ -110,7 +111,6 @@ def fit_decision(
         calibration["ece_uncalibrated"],
         calibration["ece_fitted"],
     )
-    served_val = served_probs(logits, temperature, offsets)
     write_text(
         params.paths.reports / "predictions_val.csv", predictions_frame(split.frame, served_val).to_csv(index=False)
     )
