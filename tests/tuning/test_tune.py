@@ -367,10 +367,18 @@ def test_workers_share_a_study_and_a_killed_study_resumes(tune_params, tmp_path)
     pids = {w.pid for w in workers}
 
     def both_in_a_trial_after_finishing_one() -> bool:
+        # checked with the workers stopped, so they are killed in the state checked: not in the instant between a
+        # new trial's creation and its pid attribute, when no process can tell whose trial it is
+        for worker in workers:
+            worker.send_signal(signal.SIGSTOP)
         snapshot = _snapshot(storage)
         finished = {t.get(PID_ATTR) for t in snapshot if t["state"] in FINISHED}
         running = {t.get(PID_ATTR) for t in snapshot if t["state"] == "RUNNING" and RUN_ATTR in t}
-        return pids <= finished and pids <= running
+        ready = pids <= finished and pids <= running
+        if not ready:
+            for worker in workers:
+                worker.send_signal(signal.SIGCONT)
+        return ready
 
     try:
         _wait_until(both_in_a_trial_after_finishing_one, workers)
