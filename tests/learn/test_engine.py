@@ -1,4 +1,6 @@
 import math
+import re
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from src.learn.checkpoint import load_checkpoint
 from src.learn.engine import (
     Schedule,
     clip_gradients,
+    eta_steps,
     fit,
     log_estimate,
     lr_at,
@@ -187,3 +190,35 @@ def test_a_long_run_on_a_cpu_is_announced_with_the_cpu_profile(caplog):
     with caplog.at_level("INFO", logger="src.learn.engine"):
         log_estimate(Schedule(total_steps=100, warmup_steps=0), 1.0, CPU)
     assert "estimated training time: 0.0 h" in caplog.text and "CPU profile" not in caplog.text
+
+
+class _SlowFirstForward(nn.Module):
+    """A model whose first forward stands for CUDA's start-up: 2 s that the run's estimate must leave out."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, images):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(2.0)
+        return self.inner(images)
+
+
+def test_the_time_estimate_leaves_out_the_first_step(model, caplog):
+    images = torch.randint(0, 256, (32, 32, 32, 3), dtype=torch.uint8)
+    loader = DataLoader(TensorDataset(images, torch.arange(32) % 7), batch_size=4)
+    slow, train = _SlowFirstForward(model), TrainParams()
+    optimizer = make_optimizer(slow, train, CPU)
+    with caplog.at_level("INFO", logger="src.learn.engine"):
+        train_one_epoch(slow, loader, optimizer, nn.CrossEntropyLoss(), train, Schedule(8, 0), CPU)
+    per_step = float(re.search(r"\(([\d.]+) s per step, 8 steps\)", caplog.text).group(1))
+    assert per_step < 0.2  # with the first step's 2 s in it, 5 steps average at least 0.4 s
+
+
+def test_the_estimate_times_past_what_loader_workers_prefetched():
+    data = TensorDataset(torch.zeros(8, 1))
+    assert eta_steps(DataLoader(data)) == 5
+    assert eta_steps(DataLoader(data, num_workers=2, prefetch_factor=4)) == 16  # 8 batches ready, twice over
+    assert eta_steps([]) == 5  # a plain iterable of batches
