@@ -82,13 +82,13 @@ def _baseline_rows(r: dict) -> list[Row]:
             "images/s",
             f"the real path's loader is {r['loader_speedup_over_naive']:.1f}x faster",
         ),
-        (
-            "inference, learn.inference.classify batches",
+        (  # on the CPU whatever the training device: where src.predict and the served model run
+            "inference on the CPU, classify batches",
             f"{r['inference_images_per_s']:.1f}",
             "images/s",
             "decode included",
         ),
-        ("inference, single image", f"{r['inference_single_latency_ms']:.1f}", "ms", "median"),
+        ("inference on the CPU, single image", f"{r['inference_single_latency_ms']:.1f}", "ms", "median"),
         ("peak RSS, training (real path)", f"{r['train_peak_rss_mb']:.0f}", "MiB", baseline),
         ("peak RSS, inference", f"{r['inference_peak_rss_mb']:.0f}", "MiB", baseline),
     ]

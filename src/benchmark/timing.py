@@ -110,19 +110,29 @@ def timed_training(
 
 
 def loader_rate(loader: DataLoader, opts: BenchOptions) -> float:
-    """images/s of the loader alone (sampling, augmentation, collation): what it can feed, with no model."""
+    """images/s of the loader alone (sampling, augmentation, collation): what it can feed, with no model.
+
+    Timed in chunks of whole rounds of its workers, the median chunk's rate returned. N workers finish their
+    batches together, so one batch's wait is mostly zero or a whole round: the median of per-batch rates read
+    719,515 images/s for 8 workers on an H100's host that fed 917. A chunk of 4 rounds overstates by at most 4/3.
+    """
+    workers = max(loader.num_workers, 1)
+    per_chunk = max(-(-opts.steps // opts.chunks), 4 * workers)
     stream = endless(loader)
     try:
-        for _ in range(opts.warmup):
+        for _ in range(max(opts.warmup, workers)):  # the workers' first round: their start-up is not the rate
             next(stream)
-        rates = []
-        for _ in range(opts.steps):
-            start = time.perf_counter()
-            images, _labels = next(stream)
-            rates.append(len(images) / (time.perf_counter() - start))
+        rates = [_chunk_rate(stream, per_chunk) for _ in range(min(opts.chunks, opts.steps))]
     finally:
         stream.close()
     return statistics.median(rates)
+
+
+def _chunk_rate(stream: Iterator, batches: int) -> float:
+    start, images = time.perf_counter(), 0
+    for _ in range(batches):
+        images += len(next(stream)[0])
+    return images / (time.perf_counter() - start)
 
 
 def prepared_model(params: Params, size: int, device: torch.device) -> Classifier:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from PIL import Image
 
 from src import bench
 from src.benchmark.inputs import find_image_files, read_labels
+from src.benchmark.options import BenchOptions
+from src.benchmark.timing import loader_rate
 from src.config import AugmentParams
 from src.learn.data import CachedImages, train_transform
 
@@ -144,3 +147,22 @@ def test_getitems_without_jitter_is_per_sample(tmp_path):
     expected = [geometric[i][0] for i in (4, 0)]
     torch.manual_seed(0)
     assert all(torch.equal(a, b[0]) for a, b in zip(expected, geometric.__getitems__([4, 0]), strict=True))
+
+
+class _TenMsPerImage(torch.utils.data.Dataset):
+    """Each image takes at least 10 ms to make: 4 workers cannot feed more than 400 images/s."""
+
+    def __len__(self) -> int:
+        return 400
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return torch.zeros(3), 0
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 sleeping workers on 2 cores are fine
+def test_loader_rate_with_workers_is_not_the_queue_speed():
+    loader = torch.utils.data.DataLoader(_TenMsPerImage(), batch_size=2, num_workers=4, persistent_workers=True)
+    rate = loader_rate(loader, BenchOptions(steps=8, warmup=2, chunks=2))
+    # batches arrive 4 at a time; timing them one by one read the queue's speed, thousands of images/s
+    assert rate <= 400 * 4 / 3 * 1.05
