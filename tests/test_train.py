@@ -381,6 +381,8 @@ def test_killed_training_resumes_and_matches_uninterrupted(prepared, tmp_path):
     proc.wait()
     killed_at = load_checkpoint(last)["epoch"]
     assert 1 <= killed_at < 3
+    with pytest.raises(CheckpointError, match="training has not finished; .* resumes it"):
+        evaluate(slow)
     resumed = _run_train(params_file, REPO)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]

@@ -16,6 +16,7 @@ from src.config import CLASSES, Params
 from src.fileio import write_json, write_text
 from src.ingest.rawdata import DataError, image_path
 from src.learn.calibration import brier_score, expected_calibration_error, fit_temperature, reliability, served_probs
+from src.learn.checkpoint import CheckpointError
 from src.learn.confusions import top_confusions
 from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import fit_offsets
@@ -248,10 +249,20 @@ def score_registered(model_uri: str, params: Params, metric: str) -> float | Non
     return score
 
 
+def trained_checkpoint(models: Path) -> Path:
+    """The weights training kept; a run stopped before its end has none yet, and is told how to finish it."""
+    best, last = models / CHECKPOINT_FILE, models / "checkpoints" / "last.pt"
+    if not best.exists() and last.exists():
+        raise CheckpointError(
+            f"{best}: training has not finished; `python -m src.train` (or `dvc repro`) resumes it from {last}"
+        )
+    return best
+
+
 def evaluate(params: Params) -> dict[str, float]:
     """The evaluate stage: fit the decision on val, score it on test, log the served model and register it."""
     device = select_device(params.train.device)
-    classifier, ckpt = load_trained(params.paths.models / CHECKPOINT_FILE)
+    classifier, ckpt = load_trained(trained_checkpoint(params.paths.models))
     image_size = ckpt["config"]["data"]["image_size"]
     served, metrics = fit_decision(classifier.to(device), params, image_size, device)
     save_decision(params.paths.models / DECISION_FILE, served, ckpt)
