@@ -95,7 +95,12 @@ def _draw(step: torch.nn.Module):
 def _apply_batched(step: torch.nn.Module, batch: torch.Tensor, draws: list) -> torch.Tensor:
     """`step` on a uint8 (B, C, H, W) batch, image b with `draws[b]` from `_draw`."""
     if isinstance(step, v2.ColorJitter):
-        return color_jitter_batch(batch, draws)
+        # in slices that stay in cache: at 224 px a batch of 64 is 38 MiB of float pixels, and jittering it whole
+        # ran 2.1-2.3 times slower than in 8 MiB slices (1 thread, AMD EPYC with 32 MiB L3); same pixels
+        per = max(1, JITTER_SLICE_BYTES // (4 * batch[0].numel()))
+        return torch.cat(
+            [color_jitter_batch(batch[i : i + per], draws[i : i + per]) for i in range(0, len(batch), per)]
+        )
     if isinstance(step, RandomRot90):
         for k in (1, 2, 3):
             chosen = [b for b, d in enumerate(draws) if d == k]
@@ -133,6 +138,7 @@ def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return (maxc - chroma * weight).clamp_(0.0, 1.0).mul_(255.999).floor_()
 
 
+JITTER_SLICE_BYTES = 8 << 20  # float32 pixels colour-jittered at a time
 _HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
 _JITTER_KEYS = ("brightness_factor", "contrast_factor", "saturation_factor", "hue_factor")  # ColorJitter's fn_idx
 

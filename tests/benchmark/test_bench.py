@@ -16,6 +16,7 @@ from src.benchmark.inputs import find_image_files, read_labels
 from src.benchmark.options import BenchOptions
 from src.benchmark.timing import loader_rate
 from src.config import AugmentParams
+from src.learn import data
 from src.learn.data import CachedImages, train_transform
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,6 +133,19 @@ def test_batched_augmentation_matches_per_sample_transform(tmp_path, aug):
     assert got.shape == want.shape == (len(indices), size, size, 3)
     diff = (got - want).abs()
     assert diff.max() <= 2 and (diff > 0).float().mean() < 1e-3
+
+
+def test_colour_jitter_in_slices_gives_the_pixels_of_the_whole_batch(tmp_path, monkeypatch):
+    size, indices = 24, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+    cache = tmp_path / "images.npy"
+    np.save(cache, np.random.default_rng(0).integers(0, 256, (10, size, size, 3), dtype=np.uint8))
+    dataset = CachedImages(cache, np.arange(10), np.zeros(10), train_transform(AugmentParams(hue=0.2), size))
+    torch.manual_seed(0)
+    whole = dataset.__getitems__(indices)
+    monkeypatch.setattr(data, "JITTER_SLICE_BYTES", 4 * 3 * size * size * 5)  # slices of 5 images: 5, 5, 2
+    torch.manual_seed(0)
+    sliced = dataset.__getitems__(indices)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(whole, sliced, strict=True))
 
 
 def test_getitems_without_jitter_is_per_sample(tmp_path):
