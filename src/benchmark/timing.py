@@ -114,7 +114,8 @@ def loader_rate(loader: DataLoader, opts: BenchOptions) -> float:
 
     Timed in chunks of whole rounds of its workers, the median chunk's rate returned. N workers finish their
     batches together, so one batch's wait is mostly zero or a whole round: the median of per-batch rates read
-    719,515 images/s for 8 workers on an H100's host that fed 917. A chunk of 4 rounds overstates by at most 4/3.
+    719,515 images/s for 8 workers on an H100 host whose real path trained at 917. A chunk of 4 rounds overstates
+    by at most 4/3.
     """
     workers = max(loader.num_workers, 1)
     per_chunk = max(-(-opts.steps // opts.chunks), 4 * workers)

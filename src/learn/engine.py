@@ -165,7 +165,7 @@ def train_one_epoch(
             updates += 1
             first_step_end = time.perf_counter() if updates == 1 else first_step_end
             # a fresh run's first step carries CUDA's start-up, kernel autotuning and the loader's workers starting
-            # (6.8 s of an H100's 0.14 s steps: it made a 10-minute run read 1.3 h), so it is left out of the rate
+            # (6.8 s of an H100 run whose steps took 0.14 s: an 8-minute run read 1.3 h), so it is left out of the rate
             if sched.step == updates == timed_steps + 1:
                 log_estimate(sched, (time.perf_counter() - first_step_end) / timed_steps, device)
     # over all ranks: the mean loss of every image trained on, and the images all ranks trained on per second
