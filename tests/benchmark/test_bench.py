@@ -177,6 +177,7 @@ class _TenMsPerImage(torch.utils.data.Dataset):
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 sleeping workers on 2 cores are fine
 def test_loader_rate_with_workers_is_not_the_queue_speed():
     loader = torch.utils.data.DataLoader(_TenMsPerImage(), batch_size=2, num_workers=4, persistent_workers=True)
-    rate = loader_rate(loader, BenchOptions(steps=8, warmup=2, chunks=2))
-    # batches arrive 4 at a time; timing them one by one read the queue's speed, thousands of images/s
-    assert rate <= 400 * 4 / 3 * 1.05
+    # 3 chunks of 16 batches: only the first can start with a round of batches ready, and the median is another
+    rate = loader_rate(loader, BenchOptions(steps=12, warmup=2, chunks=3))
+    # batches arrive 4 at a time; timing them one by one read the queue's speed, over 1,000 images/s here
+    assert rate <= 400 * 1.1
