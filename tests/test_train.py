@@ -156,14 +156,17 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
         assert not failures
         for ours, theirs in ISIC_COLUMNS.items():
             np.testing.assert_allclose(frame[ours], expected[theirs], atol=1e-5)
-    # what promotion compares is what the served model scores on the val images
+    # the served model on the val images is the decision fitted there; with the prior correction on, what
+    # promotion compares is val scored with offsets fitted on the other half of its lesions
     val = pd.read_csv(params.paths.splits / "val.csv")
     _, val_probs, _ = probabilities(
         from_registry, [synthetic_raw / "images" / f"{i}.jpg" for i in val["image_id"]], size
     )
     assert balanced_accuracy(val["label"].to_numpy(), val_probs) == pytest.approx(
-        metrics["val_served/balanced_accuracy"], abs=1e-9
+        metrics["decision/val_balanced_accuracy_corrected"], abs=1e-9
     )
+    out_of_fold = metrics["decision/val_balanced_accuracy_corrected_out_of_fold"]
+    assert metrics["val_served/balanced_accuracy"] == pytest.approx(out_of_fold, abs=1e-9)
     decision = params.paths.models / "decision.json"
     stale = json.loads(decision.read_text()) | {"checkpoint": "another-run:1"}
     decision.write_text(json.dumps(stale))  # a decision made for another model is not applied to this one

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedGroupKFold
 
 # Offsets are searched on a grid: balanced accuracy is piecewise constant, so gradients do not help, and a
 # coarse grid with a bounded range keeps the rule from chasing single validation images of the rare classes.
@@ -45,3 +46,13 @@ def fit_offsets(probs: np.ndarray, labels: np.ndarray, rounds: int = 3) -> np.nd
         if not changed:
             break
     return offsets
+
+
+def held_out_offsets(
+    probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int = 2, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(indices, offsets fitted on the other folds) per fold of whole lesions: offsets scored on images they were
+    not fitted to. Scored on their own images they flatter the model (+0.053 on the real val split, measured), and
+    val is where models are chosen."""
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(held, fit_offsets(probs[fit], labels[fit])) for fit, held in splitter.split(probs, labels, groups)]

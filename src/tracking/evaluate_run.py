@@ -19,7 +19,7 @@ from src.learn.calibration import brier_score, expected_calibration_error, fit_t
 from src.learn.checkpoint import CheckpointError
 from src.learn.confusions import top_confusions
 from src.learn.data import SplitData, load_split, make_loader
-from src.learn.decision import fit_offsets
+from src.learn.decision import fit_offsets, held_out_offsets
 from src.learn.engine import predict, select_device
 from src.learn.explain import ExplainError, attention_rollout, gallery_picks
 from src.learn.inference import CHECKPOINT_FILE, DECISION_FILE, load_trained, probabilities, save_decision
@@ -99,6 +99,13 @@ def fit_decision(
     served = Probabilities(classifier, use_tta, torch.tensor(offsets, dtype=torch.float32), temperature)
     served_val = served_probs(logits, temperature, offsets)  # exactly what the served model answers on val
     bacc["corrected"] = balanced_accuracy(labels, served_val)
+    if params.evaluate.prior_correction:  # val_served: each lesion with offsets fitted on the other half of val
+        served_val = out_of_fold(logits, probs, labels, split.frame["lesion_id"].to_numpy(), temperature)
+        bacc["corrected_out_of_fold"] = balanced_accuracy(labels, served_val)
+        log.info(
+            "val with the prior correction fitted on the other half of its lesions: %.4f (val_served)",
+            bacc["corrected_out_of_fold"],
+        )
     log.info(
         "val: balanced accuracy plain %.4f, TTA %.4f (%s), with prior correction %.4f (fitted here; offsets %s); "
         "temperature %.3f fitted (%s): ECE %.4f -> %.4f",
@@ -121,6 +128,16 @@ def fit_decision(
     metrics |= {"decision/tta": float(use_tta), "decision/temperature": temperature}
     metrics |= {"decision/temperature_fitted": fitted}
     return served, metrics | {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, offsets, strict=True)}
+
+
+def out_of_fold(
+    logits: np.ndarray, probs: np.ndarray, labels: np.ndarray, lesions: np.ndarray, temperature: float
+) -> np.ndarray:
+    """The served formula on val with every image's prior-correction offsets fitted on the other fold of lesions."""
+    scored = np.empty_like(probs)
+    for held, offsets in held_out_offsets(probs, labels, lesions):
+        scored[held] = served_probs(logits[held], temperature, offsets)
+    return scored
 
 
 def served_metrics(labels: np.ndarray, probs: np.ndarray, frame: pd.DataFrame, prefix: str) -> dict[str, float]:

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from src.config import ModelParams
-from src.learn.decision import apply_offsets, fit_offsets
+from src.learn.decision import apply_offsets, fit_offsets, held_out_offsets
 from src.learn.metrics import balanced_accuracy
 from src.learn.model import Probabilities, build_model, dihedral_views
 
@@ -29,6 +29,24 @@ def test_offsets_raise_balanced_accuracy_and_generalise_to_fresh_data():
         balanced_accuracy(fresh_labels, apply_offsets(fresh, offsets)),
     )
     assert after > before + 0.1
+
+
+def test_held_out_offsets_are_fitted_on_the_other_lesions_and_do_not_flatter_noise():
+    rng = np.random.default_rng(0)
+    labels, lesions = rng.integers(0, 7, 600), rng.integers(0, 250, 600)  # several images per lesion
+    probs = rng.dirichlet(np.ones(7), 600)  # no signal: offsets can only fit the images they see
+    folds = held_out_offsets(probs, labels, lesions)
+    held = np.concatenate([h for h, _ in folds])
+    assert sorted(held) == list(range(600))  # every image scored once
+    assert not set(lesions[folds[0][0]]) & set(lesions[folds[1][0]])  # no lesion on both sides
+    for h, offsets in folds:
+        rest = np.setdiff1d(np.arange(600), h)
+        np.testing.assert_array_equal(offsets, fit_offsets(probs[rest], labels[rest]))
+    in_sample = balanced_accuracy(labels, apply_offsets(probs, fit_offsets(probs, labels)))
+    scored = np.empty_like(probs)
+    for h, offsets in folds:
+        scored[h] = apply_offsets(probs[h], offsets)
+    assert in_sample > balanced_accuracy(labels, scored) + 0.02  # fitted to noise, it only looks better in sample
 
 
 def test_offsets_stay_zero_when_nothing_can_be_gained():
