@@ -11,6 +11,9 @@ import torch
 from src.errors import UserError
 from src.fileio import atomic_path
 
+RESUME_DIR = "checkpoints"  # in the models folder: training's state after every epoch (not a DVC output)
+LAST_FILE = "last.pt"  # in RESUME_DIR: what a stopped run resumes from
+
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message names the file and what to do."""

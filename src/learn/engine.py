@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from src.config import CLASSES, TrainParams
 from src.errors import UserError
 from src.learn import distributed
-from src.learn.checkpoint import save_checkpoint
+from src.learn.checkpoint import LAST_FILE, save_checkpoint
 from src.learn.metrics import summary_metrics
 from src.learn.precision import autocast, resolve_precision
 
@@ -163,7 +163,8 @@ def train_one_epoch(
         if stepping:
             norm_sum += optimizer_step(model, optimizer, train, sched, ema)
             updates += 1
-            first_step_end = time.perf_counter() if updates == 1 else first_step_end
+            if updates == 1:
+                first_step_end = time.perf_counter()
             # a fresh run's first step carries CUDA's start-up, kernel autotuning and the loader's workers starting
             # (6.8 s of an H100 run whose steps took 0.14 s: an 8-minute run read 1.3 h), so it is left out of the rate
             if sched.step == updates == timed_steps + 1:
@@ -446,6 +447,6 @@ def fit(
             best, last = learner.checkpoints(raw_model, weights, base, state)
             if improved:
                 save_checkpoint(checkpoint_dir / "best.pt", best)
-            save_checkpoint(checkpoint_dir / "last.pt", last)
+            save_checkpoint(checkpoint_dir / LAST_FILE, last)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return FitResult(best, state.history, state.best_epoch, stopped_early)

@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 from src.config import Params
 from src.fileio import read_json, write_json, write_text
 from src.learn import distributed
-from src.learn.checkpoint import CheckpointError, load_checkpoint
+from src.learn.checkpoint import LAST_FILE, CheckpointError, load_checkpoint
 from src.learn.data import (
     CachedImages,
     ResizedImages,
@@ -92,7 +92,7 @@ def run_config(params: Params, image_size: int) -> dict:
 
 def resumable_checkpoint(checkpoint_dir: Path, config: dict) -> dict | None:
     """The last checkpoint when it was made by the same config; otherwise start afresh (and say why)."""
-    last = checkpoint_dir / "last.pt"
+    last = checkpoint_dir / LAST_FILE
     if not last.exists():
         return None
     try:

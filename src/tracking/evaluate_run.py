@@ -16,7 +16,7 @@ from src.config import CLASSES, Params
 from src.fileio import write_json, write_text
 from src.ingest.rawdata import DataError, image_path
 from src.learn.calibration import brier_score, expected_calibration_error, fit_temperature, reliability, served_probs
-from src.learn.checkpoint import CheckpointError
+from src.learn.checkpoint import LAST_FILE, RESUME_DIR, CheckpointError
 from src.learn.confusions import top_confusions
 from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import fit_offsets, held_out_offsets
@@ -268,7 +268,7 @@ def score_registered(model_uri: str, params: Params, metric: str) -> float | Non
 
 def trained_checkpoint(models: Path) -> Path:
     """The weights training kept; a run stopped before its end has none yet, and is told how to finish it."""
-    best, last = models / CHECKPOINT_FILE, models / "checkpoints" / "last.pt"
+    best, last = models / CHECKPOINT_FILE, models / RESUME_DIR / LAST_FILE
     if not best.exists() and last.exists():
         raise CheckpointError(
             f"{best}: training has not finished; `python -m src.train` (or `dvc repro`) resumes it from {last}"

@@ -10,7 +10,7 @@ import torch
 
 from src.config import Params
 from src.learn import distributed
-from src.learn.checkpoint import load_checkpoint, save_checkpoint
+from src.learn.checkpoint import RESUME_DIR, load_checkpoint, save_checkpoint
 from src.learn.engine import FitResult
 from src.learn.precision import compute_description
 from src.learn.training import (
@@ -63,7 +63,7 @@ def train(params: Params) -> dict[str, float]:
 
 def _train_main(params: Params, data: TrainData, device: torch.device) -> dict[str, float]:
     paths = params.paths
-    checkpoint_dir = paths.models / "checkpoints"
+    checkpoint_dir = paths.models / RESUME_DIR
     resume = distributed.broadcast(resumable_checkpoint(checkpoint_dir, run_config(params, data.image_size)))
     if resume is None and checkpoint_dir.exists():
         shutil.rmtree(checkpoint_dir)
