@@ -168,7 +168,7 @@ def train_one_epoch(
             # a fresh run's first step carries CUDA's start-up, kernel autotuning and the loader's workers starting
             # (6.8 s of an H100 run whose steps took 0.14 s: an 8-minute run read 1.3 h), so it is left out of the rate
             if sched.step == updates == timed_steps + 1:
-                log_estimate(sched, (time.perf_counter() - first_step_end) / timed_steps, device)
+                log_estimate(sched, (time.perf_counter() - first_step_end) / timed_steps, device, precision)
     # over all ranks: the mean loss of every image trained on, and the images all ranks trained on per second
     loss_sum, seen = distributed.sum_across(torch.stack([loss_sum, torch.tensor(float(seen), device=device)])).tolist()
     mean_loss = loss_sum / max(seen, 1)
@@ -206,15 +206,18 @@ def eta_steps(loader) -> int:
     return max(ETA_AFTER_STEPS, 2 * prefetched)
 
 
-def log_estimate(sched: Schedule, seconds_per_step: float, device: torch.device) -> None:
-    """Say early how long the whole run will take, so nobody waits ten hours for a GPU profile on a CPU."""
+def log_estimate(sched: Schedule, seconds_per_step: float, device: torch.device, precision: str = "fp32") -> None:
+    """Say early how long the whole run will take, so nobody waits ten hours for a GPU profile on a CPU; name the
+    CPU profile's resolution for this CPU (224 px costs 3x the steps of 128 px, which bf16 pays for)."""
     hours = seconds_per_step * sched.total_steps / 3600
     log.info("estimated training time: %.1f h (%.2f s per step, %d steps)", hours, seconds_per_step, sched.total_steps)
     if device.type == "cpu" and hours > CPU_HOURS_WARNING:
+        size = "224 px (this CPU trains in bf16)" if precision == "bf16" else "128 px (this CPU has no native bf16)"
         log.warning(
             "this profile needs about %.0f h on this CPU; on a CPU use the pretrained CPU profile (README, "
-            "'Profiles': vit_tiny_patch16_224 at 128 px, 6 epochs, about 30 min on 2 cores)",
+            "'Profiles': vit_tiny_patch16_224, 6 epochs at %s, about 30 min on 2 cores)",
             hours,
+            size,
         )
 
 
