@@ -208,7 +208,7 @@ def eta_steps(loader) -> int:
 
 def log_estimate(sched: Schedule, seconds_per_step: float, device: torch.device, precision: str = "fp32") -> None:
     """Say early how long the whole run will take, so nobody waits ten hours for a GPU profile on a CPU; name the
-    CPU profile's resolution for this CPU (224 px costs 3x the steps of 128 px, which bf16 pays for)."""
+    CPU profile's resolution for this CPU (a 224 px step takes 2.7x a 128 px one; bf16 pays for that)."""
     hours = seconds_per_step * sched.total_steps / 3600
     log.info("estimated training time: %.1f h (%.2f s per step, %d steps)", hours, seconds_per_step, sched.total_steps)
     if device.type == "cpu" and hours > CPU_HOURS_WARNING:
