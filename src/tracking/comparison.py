@@ -86,8 +86,10 @@ def compare(first: pd.DataFrame, second: pd.DataFrame, names: tuple[str, str]) -
 
 def verdict(result: dict[str, float], names: tuple[str, str]) -> str:
     """One line a reader can act on: which is better, or that the data cannot tell."""
+    # The bootstrap resamples images, not training: two seeds of one recipe have been told apart by it (README).
+    caveat = "on these images (one run each: another seed of the same recipe can differ as much)"
     if result["ci_low"] > 0:
-        return f"{names[0]} is better: the 95% interval of the difference lies above 0"
+        return f"{names[0]} is better {caveat}: the 95% interval of the difference lies above 0"
     if result["ci_high"] < 0:
-        return f"{names[1]} is better: the 95% interval of the difference lies below 0"
+        return f"{names[1]} is better {caveat}: the 95% interval of the difference lies below 0"
     return "no difference shown: the 95% interval of the difference holds 0 (more images, or more runs, would tell)"
