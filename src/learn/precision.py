@@ -3,8 +3,9 @@
 On CPUs with AMX or AVX512-BF16 (recent Intel Xeons) oneDNN runs bf16 matmuls at several times the fp32 rate;
 on CPUs without them (AMD Zen 3, older Intel) bf16 is emulated and slower than fp32. So `auto` asks the
 hardware, through what PyTorch itself checks before it picks oneDNN's bf16 kernels, never a CPU model name.
-Evaluation and the served MLflow model stay fp32: one export that serves anywhere, and the same probabilities
-everywhere; predict runs bf16 only when asked (`--precision bf16|auto`).
+Training's per-epoch validation runs in the precision training resolved (it only ranks epochs). Evaluation and the
+served MLflow model stay fp32: one export that serves anywhere, and the same probabilities everywhere; predict runs
+bf16 only when asked (`--precision bf16|auto`).
 """
 
 from __future__ import annotations
