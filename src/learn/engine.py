@@ -427,7 +427,8 @@ def fit(
     state = FitState() if resume is None else learner.restore(raw_model, resume)
     if resume is not None:
         log.info("resuming from epoch %d (best val/score %.4f)", state.epoch, state.best_score)
-    stopped_early, precision = False, resolve_precision(train.precision, device)
+    precision = resolve_precision(train.precision, device)  # validation's too: it only ranks epochs
+    stopped_early = False
     for epoch in range(state.epoch, train.epochs):
         if train.early_stopping_patience is not None and state.bad_epochs >= train.early_stopping_patience:
             stopped_early = True
