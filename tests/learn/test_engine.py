@@ -189,7 +189,7 @@ def test_a_long_run_on_a_cpu_is_announced_with_the_cpu_profile(caplog):
     caplog.clear()
     with caplog.at_level("INFO", logger="src.learn.engine"):
         log_estimate(Schedule(total_steps=1000, warmup_steps=0), 30.0, CPU, "bf16")
-    assert "at 224 px (this CPU trains in bf16)" in caplog.text
+    assert "at 224 px (this CPU trains in bf16; 128 px where that run's own estimate reads over 0.4 h" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="src.learn.engine"):
         log_estimate(Schedule(total_steps=100, warmup_steps=0), 1.0, CPU)
