@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from src.config import ConfigError, Params, apply_overrides, flatten, load_params
 
@@ -23,6 +24,21 @@ def test_repository_params_state_the_defaults():
     # params.yaml is the documented set of defaults: a default changed in one place only would run `dvc repro`
     # with the old value while the docs (and `Params()`) say the new one.
     assert load_params(REPO / "params.yaml").model_dump() == Params().model_dump()
+
+
+def test_repository_params_name_every_key():
+    # `dvc exp run -S section.key=value` (every profile's command) can only set a key params.yaml already has:
+    # model.stem was missing, and the from-scratch profile's command failed with "Key 'stem' is not in struct"
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        found = set()
+        for name, value in tree.items():
+            found.add(prefix + name)
+            if isinstance(value, dict):
+                found |= keys(value, f"{prefix}{name}.")
+        return found
+
+    written = keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert keys(Params().model_dump()) - written == set()
 
 
 def test_unknown_key_names_key_and_allowed_values(tmp_path):
