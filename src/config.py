@@ -38,6 +38,12 @@ class DataParams(Section):
     isic2018_test: bool = False
     image_size: int = Field(224, ge=16, le=1024)
     drop_unreadable: bool = False
+    color_constancy: Literal["none", "shades_of_gray"] = Field(
+        "none", description="remove each image's colour cast in the model's input layer (train and every inference)"
+    )
+    color_constancy_power: float = Field(
+        6.0, ge=1, le=32, description="Shades of Gray's Minkowski norm p: 1 = grey world, large = max-RGB"
+    )
     synthetic_lesions: int = Field(240, ge=14)
     kaggle_url: str = "https://www.kaggle.com/api/v1"
     kaggle_dataset: str = "kmader/skin-cancer-mnist-ham10000"
@@ -45,6 +51,11 @@ class DataParams(Section):
     dataverse_url: str = "https://dataverse.harvard.edu"
     dataverse_doi: str = "doi:10.7910/DVN/DBW86T"
     timeout_s: float = Field(30.0, gt=0)
+
+    @property
+    def shades_of_gray_power(self) -> float | None:
+        """The power the model's colour constancy uses, None when it is off."""
+        return self.color_constancy_power if self.color_constancy == "shades_of_gray" else None
 
     @model_validator(mode="after")
     def _local_needs_path(self) -> DataParams:
@@ -178,6 +189,10 @@ class EvaluateParams(Section):
     calibrate: bool | Literal["auto"] = Field(
         "auto",
         description="temperature scaling fitted on val (NLL), stored with the model; auto = when it lowers val ECE",
+    )
+    shift: bool = Field(True, description="the shift report: val and test scored under acquisition shifts")
+    shift_per_class: int = Field(
+        40, ge=1, description="shift report: at most this many lesions per class (one image each) per split"
     )
 
 

@@ -39,6 +39,7 @@ from src.learn.inference import (
     probabilities,
 )
 from src.learn.metrics import balanced_accuracy
+from src.learn.shifts import conditions
 from src.learn.training import load_train_data
 from src.prepare.imaging import load_image
 from src.prepare.split import split
@@ -60,9 +61,15 @@ def prepared(tiny_params, synthetic_raw):
 
 @pytest.fixture(scope="module")
 def trained(synthetic_raw, tmp_path_factory):
-    """One training run shared by the tests that only read its results."""
+    """One training run shared by the tests that only read its results, with colour constancy on so that every path
+    that serves the model must apply it."""
     params = make_tiny_params(tmp_path_factory.mktemp("trained"))
-    params = params.model_copy(update={"paths": params.paths.model_copy(update={"raw": synthetic_raw})})
+    params = params.model_copy(
+        update={
+            "paths": params.paths.model_copy(update={"raw": synthetic_raw}),
+            "data": params.data.model_copy(update={"color_constancy": "shades_of_gray"}),
+        }
+    )
     split(synthetic_raw, params.split, params.data, params.paths)
     return params, train(params)
 
@@ -72,6 +79,8 @@ def test_train_writes_model_reports_and_mlflow_run(trained):
     assert 0 <= metrics["val/balanced_accuracy"] <= 1
     ckpt = load_checkpoint(params.paths.models / "best.pt")
     assert ckpt["config"]["model"]["name"] == "test_vit" and ckpt["mlflow_run_id"]
+    assert ckpt["config"]["data"]["shades_of_gray_power"] == 6.0
+    assert load_trained(params.paths.models / "best.pt")[0].shades_of_gray_power == 6.0
     history = pd.read_csv(params.paths.reports / "train_history.csv")
     assert list(history["epoch"]) == [1, 2]
     assert {"train/loss", "val/loss", "val/balanced_accuracy", "lr"} <= set(history.columns)
@@ -126,6 +135,16 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     confusions = pd.read_csv(params.paths.reports / "confusions.csv")
     predictions = pd.read_csv(params.paths.reports / "predictions.csv")
     assert confusions["count"].sum() == (predictions["dx"] != predictions["predicted"]).sum()
+    for name, suffix in (("test", ""), ("val", "_val")):  # the shift report: every condition, and its summary
+        table = pd.read_csv(params.paths.reports / f"shift{suffix}.csv")
+        assert len(table) == 1 + len(conditions()) and table["shift"].iloc[0] == "clean"
+        shifted = table["balanced_accuracy"].iloc[1:]
+        assert metrics[f"shift/{name}/score"] == pytest.approx(shifted.mean(), abs=1e-4)
+        assert metrics[f"shift/{name}/drop"] == pytest.approx(metrics[f"shift/{name}/clean"] - shifted.mean(), abs=1e-4)
+        assert metrics[f"shift/{name}/jpeg_3"] == pytest.approx(
+            table.set_index("condition").at["jpeg 3", "balanced_accuracy"], abs=1e-4
+        )
+        assert (params.paths.reports / f"shift{suffix}.png").stat().st_size > 0
     client = MlflowClient(params.tracking.uri)
     name = f"{params.tracking.registered_model}-synthetic"  # trained on synthetic data
     assert not client.search_registered_models(f"name = '{params.tracking.registered_model}'")

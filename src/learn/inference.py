@@ -30,7 +30,8 @@ def load_trained(path: Path) -> tuple[Classifier, dict]:
     """Rebuild the model a checkpoint records (not today's params) and load its weights."""
     ckpt = load_checkpoint(path)
     model_params = ModelParams(**{**ckpt["config"]["model"], "pretrained": False, "weights": None})
-    model = build_model(model_params, ckpt["config"]["data"]["image_size"])
+    data = ckpt["config"]["data"]  # checkpoints from before colour constancy have no power: it was off
+    model = build_model(model_params, data["image_size"], data.get("shades_of_gray_power"))
     load_weights(model, ckpt, path)
     return model.eval(), ckpt
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from src.config import CLASSES, ModelParams
 from src.errors import UserError
+from src.learn.color_constancy import shades_of_gray
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +24,26 @@ class ModelError(UserError, ValueError):
 
 
 class Classifier(nn.Module):
-    """uint8 NHWC images -> logits. Normalisation lives inside, so training, evaluation,
-    predict and MLflow serving all preprocess identically."""
+    """uint8 NHWC images -> logits. Colour constancy (when asked) and normalisation live inside, so training,
+    evaluation, predict and MLflow serving all preprocess identically."""
 
-    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        shades_of_gray_power: float | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
+        self.shades_of_gray_power = shades_of_gray_power
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()
+        if self.shades_of_gray_power is not None:
+            x = shades_of_gray(x, self.shades_of_gray_power)
         return self.backbone((x - self.mean) / self.std)
 
 
@@ -140,8 +150,9 @@ def use_conv_stem(backbone: nn.Module, image_size: int) -> None:
     backbone.patch_embed = HybridEmbed(stem, img_size=image_size, patch_size=1, embed_dim=dim, proj=False, **dynamic)
 
 
-def build_model(params: ModelParams, image_size: int) -> Classifier:
-    """Create the timm model named in params, with pretrained or local weights when asked."""
+def build_model(params: ModelParams, image_size: int, shades_of_gray_power: float | None = None) -> Classifier:
+    """Create the timm model named in params, with pretrained or local weights when asked, and Shades of Gray colour
+    constancy of that power in front of it (`data.color_constancy`; None: off)."""
     if params.name not in timm.list_models(pretrained=False):
         raise ModelError(f"model.name: unknown timm model {params.name!r} (see timm.list_models())")
     if params.weights is not None and not Path(params.weights).is_file():
@@ -170,7 +181,7 @@ def build_model(params: ModelParams, image_size: int) -> Classifier:
         "pretrained" if pretrained else "random init",
         sum(p.numel() for p in backbone.parameters()) / 1e6,
     )
-    return Classifier(backbone, tuple(cfg["mean"]), tuple(cfg["std"]))
+    return Classifier(backbone, tuple(cfg["mean"]), tuple(cfg["std"]), shades_of_gray_power)
 
 
 def freeze_early(model: Classifier, blocks: int) -> None:

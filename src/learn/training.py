@@ -85,7 +85,11 @@ def run_config(params: Params, image_size: int) -> dict:
     return {
         "model": params.model.model_dump(mode="json"),
         "train": params.train.model_dump(mode="json"),
-        "data": {"image_size": image_size, "split_hash": split_hash},
+        "data": {
+            "image_size": image_size,
+            "split_hash": split_hash,
+            "shades_of_gray_power": params.data.shades_of_gray_power,
+        },
         "processes": distributed.world_size(),  # another number of ranks splits the batches differently
     }
 
@@ -139,7 +143,7 @@ def run_training(
     """Build the model and fit it; the shared core of the train stage and of every tuning trial."""
     device = configure_threads(params)
     seed_everything(params.train.seed)
-    model = build_model(params.model, data.image_size).to(device)
+    model = build_model(params.model, data.image_size, params.data.shades_of_gray_power).to(device)
     freeze_early(model, params.train.freeze_blocks)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -29,6 +29,7 @@ from src.tracking import registry
 from src.tracking import runs as tracking
 from src.tracking.models import load_from_mlflow
 from src.tracking.plots import confusion_png, explanation_gallery_png, reliability_png, roc_png
+from src.tracking.shift_report import shift_report
 
 log = logging.getLogger(__name__)
 ISIC_TEST = "isic2018_test"
@@ -286,6 +287,11 @@ def evaluate(params: Params) -> dict[str, float]:
     splits = ["test"] + ([ISIC_TEST] if (params.paths.splits / f"{ISIC_TEST}.csv").exists() else [])
     for name in splits:
         metrics |= split_metrics(served, params, name, image_size, device)
+    for stale in params.paths.reports.glob("shift*.*"):  # a report from an earlier run is not this model's
+        stale.unlink()
+    if params.evaluate.shift:
+        for name in ("val", "test"):
+            metrics |= shift_report(served, params, name, device)
     write_json(params.paths.reports / "evaluate.json", {k: (None if np.isnan(v) else v) for k, v in metrics.items()})
     tracking.connect(params.tracking)
     provenance = tracking.provenance(params.paths)
@@ -295,6 +301,8 @@ def evaluate(params: Params) -> dict[str, float]:
             tracking.log_artifact(png, "evaluation")
         for table in ("evaluate.json", "confusions.csv", "calibration.csv", "predictions.csv", "predictions_val.csv"):
             tracking.log_artifact(params.paths.reports / table, "evaluation")
+        for table in sorted(params.paths.reports.glob("shift*.csv")):
+            tracking.log_artifact(table, "evaluation")
         if not params.tracking.log_model:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")
             return metrics

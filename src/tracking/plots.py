@@ -95,3 +95,23 @@ def explanation_png(image: np.ndarray, heat: np.ndarray, title: str, path: Path)
     fig, ax = plt.subplots(figsize=(3, 3.2))
     _overlay(ax, image, heat, title)
     _save(fig, path)
+
+
+def shift_png(table, path: Path, title: str) -> None:
+    """Balanced accuracy per shift, one bar per severity (darker: stronger), the clean score as a line."""
+    shifted = table[table["severity"] > 0]
+    names = list(dict.fromkeys(shifted["shift"]))
+    levels = int(shifted["severity"].max())
+    clean = float(table.loc[table["severity"] == 0, "balanced_accuracy"].iloc[0])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    height = 0.8 / levels
+    for row in shifted.itertuples():
+        y = names.index(row.shift) + (row.severity - 1 - (levels - 1) / 2) * height
+        ax.barh(y, row.balanced_accuracy, height=height, color=plt.cm.Blues(0.35 + 0.6 * row.severity / levels))
+    ax.axvline(clean, color="k", lw=1, ls="--", label=f"clean {clean:.3f}")
+    score = shifted["balanced_accuracy"].mean()
+    ax.axvline(score, color="tab:red", lw=1, label=f"shift score {score:.3f}")
+    ax.set(yticks=range(len(names)), yticklabels=names, xlim=(0, 1), xlabel="balanced accuracy", title=title)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
