@@ -121,6 +121,14 @@ class AugmentParams(Section):
         "none", description="torchvision TrivialAugmentWide or RandAugment before the flips (from-scratch recipe)"
     )
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability of erasing one random rectangle")
+    # acquisition shifts (another device, its optics and its files); see the shift report in evaluate
+    color_cast: float = Field(
+        0.0, ge=0, le=1, description="white balance: channel log-gains up to this, in a random chromatic direction"
+    )
+    gamma: float = Field(0.0, ge=0, le=1, description="tone curve: gamma exp(u), u uniform in [-gamma, gamma]")
+    blur: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur, sigma up to 2% of the side")
+    jpeg: float = Field(0.0, ge=0, le=1, description="probability of a JPEG round trip at quality 20-95")
+    hair: float = Field(0.0, ge=0, le=1, description="probability of drawing 1-12 synthetic hairs")
 
 
 class TrainParams(Section):

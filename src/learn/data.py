@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torchvision.transforms import v2
 
 from src.config import CLASSES, AugmentParams, PathsParams, TrainParams
 from src.ingest.rawdata import DataError
+from src.learn.shifts import hair
 from src.prepare.imaging import fit_square
 from src.prepare.index import cache_path, read_split
 
@@ -85,7 +87,7 @@ class CachedImages(Dataset):
 
 def _draw(step: torch.nn.Module):
     """The random draws `step(img)` makes, in the same order (torchvision's random-apply check comes first)."""
-    if isinstance(step, v2.ColorJitter):
+    if isinstance(step, v2.ColorJitter | RandomIllumination):
         return step.make_params([])  # its parameters do not depend on the image
     if isinstance(step, RandomRot90):
         return int(torch.randint(4, ()))
@@ -101,6 +103,8 @@ def _apply_batched(step: torch.nn.Module, batch: torch.Tensor, draws: list) -> t
         return torch.cat(
             [color_jitter_batch(batch[i : i + per], draws[i : i + per]) for i in range(0, len(batch), per)]
         )
+    if isinstance(step, RandomIllumination):
+        return step.apply(batch, *(torch.stack(d) for d in zip(*draws, strict=True)))
     if isinstance(step, RandomRot90):
         for k in (1, 2, 3):
             chosen = [b for b, d in enumerate(draws) if d == k]
@@ -186,12 +190,56 @@ class RandomRot90(torch.nn.Module):
         return torch.rot90(img, int(torch.randint(4, ())), dims=(-2, -1))
 
 
-_BATCHABLE = (v2.RandomHorizontalFlip, v2.RandomVerticalFlip, RandomRot90, v2.ColorJitter)
+class RandomIllumination(torch.nn.Module):
+    """Another device's white balance and tone curve: per image, channel gains exp(s * u) (u a random unit vector
+    of zero sum, s uniform in [0, cast]: the chromaticity moves, the brightness stays) after a gamma exp(g),
+    g uniform in [-gamma, gamma]. What the shift report's colour_cast and gamma shifts do, drawn continuously."""
+
+    _BASIS = torch.tensor([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]) / torch.tensor([[2**0.5], [6**0.5]])
+
+    def __init__(self, cast: float, gamma: float):
+        super().__init__()
+        self.cast, self.gamma = cast, gamma
+
+    def make_params(self, _inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        angle, strength, tone = torch.rand(3)
+        direction = torch.stack([torch.cos(angle * 2 * torch.pi), torch.sin(angle * 2 * torch.pi)]) @ self._BASIS
+        return (direction * strength * self.cast).exp(), ((2 * tone - 1) * self.gamma).exp()
+
+    @staticmethod
+    def apply(batch: torch.Tensor, gains: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W), gains (B, 3), gammas (B,) -> uint8."""
+        x = (batch.float() / 255).pow(gammas.view(-1, 1, 1, 1)) * gains.view(-1, 3, 1, 1)
+        return (x * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        gains, gamma = self.make_params([])
+        return self.apply(img[None], gains[None], gamma[None])[0]
+
+
+class RandomHair(torch.nn.Module):
+    """With probability p, 1-12 synthetic hairs drawn across the image (the shift report's hair strokes), their
+    randomness drawn from torch's generator so that a seeded run repeats them."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if torch.rand(1) >= self.p:
+            return img
+        strands, seed = int(torch.randint(1, 13, ())), int(torch.randint(2**31, ()))
+        pixels = hair(img.permute(1, 2, 0).numpy(), strands, np.random.default_rng(seed))
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+_BATCHABLE = (v2.RandomHorizontalFlip, v2.RandomVerticalFlip, RandomRot90, RandomIllumination, v2.ColorJitter)
 
 
 def train_transform(aug: AugmentParams, size: int) -> v2.Compose:
-    """Crop, then per image an optional TrivialAugment/RandAugment policy and random erasing, then flips,
-    90-degree rotations and colour jitter (these last run batched in `CachedImages.__getitems__`)."""
+    """Crop, then per image an optional TrivialAugment/RandAugment policy, random erasing and the acquisition shifts
+    (hair, blur, JPEG), then flips, 90-degree rotations, illumination and colour jitter (these last run batched in
+    `CachedImages.__getitems__`)."""
     steps: list[torch.nn.Module] = [v2.RandomResizedCrop(size, scale=(aug.scale_min, 1.0), ratio=(0.9, 1.1))]
     if aug.policy == "trivial":
         steps.append(v2.TrivialAugmentWide())
@@ -200,13 +248,31 @@ def train_transform(aug: AugmentParams, size: int) -> v2.Compose:
     if aug.random_erasing:
         # before the flips so that the batched tail stays batched; erasing commutes with flips in distribution
         steps.append(v2.RandomErasing(p=aug.random_erasing, value=0))
+    steps += acquisition_steps(aug, size)
     if aug.flips:
         steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     if aug.rot90:
         steps.append(RandomRot90())
+    if aug.color_cast or aug.gamma:
+        steps.append(RandomIllumination(aug.color_cast, aug.gamma))
     if aug.brightness or aug.contrast or aug.saturation or aug.hue:
         steps.append(v2.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue))
     return v2.Compose(steps)
+
+
+def acquisition_steps(aug: AugmentParams, size: int) -> list[torch.nn.Module]:
+    """Per-image shifts of another device's optics and files, in the order they happen: hair on the skin, then
+    defocus, then the JPEG the device saves."""
+    steps: list[torch.nn.Module] = []
+    if aug.hair:
+        steps.append(RandomHair(aug.hair))
+    if aug.blur:
+        sigma = 0.02 * size
+        blur = v2.GaussianBlur(kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=(0.1, sigma))
+        steps.append(v2.RandomApply([blur], p=aug.blur))
+    if aug.jpeg:
+        steps.append(v2.RandomApply([v2.JPEG((20, 95))], p=aug.jpeg))
+    return steps
 
 
 def subsample_lesions(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
