@@ -30,6 +30,7 @@ from src.tracking import runs as tracking
 from src.tracking.models import load_from_mlflow
 from src.tracking.plots import confusion_png, explanation_gallery_png, reliability_png, roc_png
 from src.tracking.shift_report import shift_report
+from src.tracking.subgroup_report import subgroup_report
 
 log = logging.getLogger(__name__)
 ISIC_TEST = "isic2018_test"
@@ -287,6 +288,8 @@ def evaluate(params: Params) -> dict[str, float]:
     splits = ["test"] + ([ISIC_TEST] if (params.paths.splits / f"{ISIC_TEST}.csv").exists() else [])
     for name in splits:
         metrics |= split_metrics(served, params, name, image_size, device)
+    for name in ("val", "test"):  # the served probabilities just written to reports/predictions*.csv, per subgroup
+        metrics |= subgroup_report(params, name)
     for stale in params.paths.reports.glob("shift*.*"):  # a report from an earlier run is not this model's
         stale.unlink()
     if params.evaluate.shift:
@@ -301,7 +304,7 @@ def evaluate(params: Params) -> dict[str, float]:
             tracking.log_artifact(png, "evaluation")
         for table in ("evaluate.json", "confusions.csv", "calibration.csv", "predictions.csv", "predictions_val.csv"):
             tracking.log_artifact(params.paths.reports / table, "evaluation")
-        for table in sorted(params.paths.reports.glob("shift*.csv")):
+        for table in sorted([*params.paths.reports.glob("shift*.csv"), *params.paths.reports.glob("subgroups*.csv")]):
             tracking.log_artifact(table, "evaluation")
         if not params.tracking.log_model:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")

@@ -115,3 +115,31 @@ def shift_png(table, path: Path, title: str) -> None:
     ax.invert_yaxis()
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
+
+
+def subgroups_png(table, path: Path, title: str) -> None:
+    """Forest plot: balanced accuracy and its 95% interval per subgroup (red: wholly below overall, grey: too small),
+    the overall score as a line."""
+    rows = table[table["grouping"] != "overall"].reset_index(drop=True)
+    overall = float(table.loc[table["grouping"] == "overall", "balanced_accuracy"].iloc[0])
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.4))
+    colours = {"below": "tab:red", "too small": "0.6"}
+    for y, row in rows.iterrows():
+        colour = colours.get(row["flag"], "tab:blue")
+        low, high = row["ci_low"], row["ci_high"]
+        if np.isfinite(low) and np.isfinite(high):
+            ax.plot([low, high], [y, y], color=colour, lw=1.5)
+        ax.plot(row["balanced_accuracy"], y, "o", color=colour, ms=4)
+    starts = rows.index[rows["grouping"] != rows["grouping"].shift()]
+    for y in starts[1:]:  # a rule between groupings
+        ax.axhline(y - 0.5, color="0.85", lw=0.8)
+    ax.axvline(overall, color="k", lw=1, ls="--", label=f"overall {overall:.3f}")
+    for flag, colour in colours.items():  # a legend entry for each flag the plot shows
+        if (rows["flag"] == flag).any():
+            ax.plot([], [], "o-", color=colour, ms=4, label=flag)
+    labels = [f"{r.grouping}: {r.subgroup} ({r.lesions} lesions)" for r in rows.itertuples()]
+    ax.set(yticks=range(len(rows)), yticklabels=labels, xlim=(0, 1), xlabel="balanced accuracy", title=title)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.invert_yaxis()
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)
