@@ -27,6 +27,7 @@ from src.learn.metrics import balanced_accuracy, balanced_accuracy_interval, con
 from src.learn.model import AllViews, Classifier, Probabilities
 from src.tracking import registry
 from src.tracking import runs as tracking
+from src.tracking.model_card import CARD_FILE, write_model_card
 from src.tracking.models import load_from_mlflow
 from src.tracking.plots import confusion_png, explanation_gallery_png, reliability_png, roc_png
 from src.tracking.shift_report import shift_report
@@ -308,6 +309,7 @@ def evaluate(params: Params) -> dict[str, float]:
             tracking.log_artifact(table, "evaluation")
         if not params.tracking.log_model:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")
+            write_model_card(params, ckpt, metrics, provenance, active.info.run_id, None)
             return metrics
         model_uri = tracking.log_model(served, example_images(params, image_size), params.paths.models)
         metric = params.evaluate.promote_metric
@@ -320,4 +322,6 @@ def evaluate(params: Params) -> dict[str, float]:
                 "registry.champion": result["promoted"],
             }
         )
+        card = write_model_card(params, ckpt, metrics, provenance, active.info.run_id, result)
+        registry.describe(result["name"], result["version"], card, f"{CARD_FILE} in MLflow run {active.info.run_id}")
     return metrics

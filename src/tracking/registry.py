@@ -28,6 +28,10 @@ SYNTHETIC_SUFFIX = "-synthetic"
 # What the versions table shows; every metric stays on the run.
 HEADLINE = ("test/balanced_accuracy", "test/macro_roc_auc", "test/melanoma_sensitivity", "test/melanoma_specificity")
 PROVENANCE = ("data.source", "data.split_hash", "git.commit")
+# MLflow's SQL stores hold a version's description in a VARCHAR(5000): Postgres and MySQL refuse a longer one,
+# SQLite does not check; behind a tracking server the database is unknown, so the limit holds there too.
+MAX_DESCRIPTION = 5000
+UNLIMITED_STORES = ("sqlite:", "file:")
 
 Rescore = Callable[[str], float | None]  # model URI -> its promote metric on today's split (None: cannot)
 
@@ -115,3 +119,30 @@ def register(
         client.set_registered_model_alias(name, CHAMPION, version)
     log.info("registered %s version %s: %s", name, version, why)
     return {"name": name, "version": int(version), "promoted": promoted, "champion_score": champion.score}
+
+
+def fit_description(text: str, where: str, limit: int | None = MAX_DESCRIPTION) -> str:
+    """`text` (Markdown with `## ` sections) as it fits in a version's description: whole, or without its longest
+    sections and a line saying `where` the full text is."""
+    if limit is None or len(text) <= limit:
+        return text
+    head, *sections = text.split("\n## ")
+    sections = [f"## {s}" for s in sections]
+    dropped: list[str] = []
+    note = ""
+    while sections:
+        longest = max(sections, key=len)
+        sections.remove(longest)
+        dropped.append(longest.splitlines()[0].removeprefix("## "))
+        note = f"*Cut to fit the registry (left out: {'; '.join(dropped)}); the full text is {where}.*"
+        shorter = "\n".join([head, *sections, note])
+        if len(shorter) <= limit:
+            return shorter
+    return (head[: max(0, limit - len(note) - 1)] + "\n" + note)[:limit]
+
+
+def describe(name: str, version: int | str, text: str, where: str) -> None:
+    """Set a registered version's description (what the registry page shows), cut to fit where it must be."""
+    uri = mlflow.get_registry_uri()
+    limit = None if uri.startswith(UNLIMITED_STORES) or "://" not in uri else MAX_DESCRIPTION  # a bare path: files
+    MlflowClient().update_model_version(name, str(version), description=fit_description(text, where, limit))
