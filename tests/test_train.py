@@ -6,6 +6,7 @@ import base64
 import filecmp
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,10 +146,43 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
             table.set_index("condition").at["jpeg 3", "balanced_accuracy"], abs=1e-4
         )
         assert (params.paths.reports / f"shift{suffix}.png").stat().st_size > 0
+    for name, prefix, suffix in (("test", "test", ""), ("val", "val_served", "_val")):  # results by subgroup
+        table = pd.read_csv(params.paths.reports / f"subgroups{suffix}.csv", keep_default_na=False)
+        served = pd.read_csv(params.paths.reports / f"predictions{suffix}.csv")
+        overall = table.iloc[0]
+        assert (overall["images"], overall["lesions"]) == (len(served), served["lesion_id"].nunique())
+        for column, key in (("balanced_accuracy", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high")):
+            assert overall[column] == pytest.approx(metrics[f"{prefix}/balanced_accuracy{key}"], abs=1e-4)
+        for grouping, rows in table.iloc[1:].groupby("grouping"):  # every image and lesion in one subgroup
+            assert rows[["images", "lesions"]].sum().tolist() == [overall["images"], overall["lesions"]], grouping
+        assert metrics[f"subgroup/{name}/sex/male/balanced_accuracy"] == pytest.approx(
+            table.set_index(["grouping", "subgroup"]).at[("sex", "male"), "balanced_accuracy"], abs=1e-4
+        )
+        assert (params.paths.reports / f"subgroups{suffix}.png").stat().st_size > 0
+    card = (params.paths.reports / "model_card.md").read_text()  # its numbers are evaluate.json's
+    reported = json.loads((params.paths.reports / "evaluate.json").read_text())
+    for row, keys in (
+        (
+            "balanced accuracy",
+            [f"{p}/balanced_accuracy{k}" for p in ("val_served", "test") for k in ("", "_ci_low", "_ci_high")],
+        ),
+        ("macro ROC AUC", ["val_served/macro_roc_auc", "test/macro_roc_auc"]),
+        ("melanoma sensitivity", ["val_served/melanoma_sensitivity", "test/melanoma_sensitivity"]),
+    ):
+        line = next(line for line in card.splitlines() if line.startswith(f"| {row} |"))
+        assert [float(x) for x in re.findall(r"\d+\.\d+", line)] == pytest.approx([reported[k] for k in keys], abs=5e-5)
+    assert f"clean {reported['shift/test/clean']:.4f}, mean over shifts {reported['shift/test/score']:.4f}" in card
+    assert f"Temperature: {reported['decision/temperature']:.3f} served" in card
     client = MlflowClient(params.tracking.uri)
     name = f"{params.tracking.registered_model}-synthetic"  # trained on synthetic data
     assert not client.search_registered_models(f"name = '{params.tracking.registered_model}'")
     champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.description == card and card.startswith(f"# Model card: {name} version 1\n")  # the registry page
+    run_id = champion.tags["run_id"]
+    assert {"model_card.md", "evaluation"} <= {a.path for a in client.list_artifacts(run_id)}
+    assert {"evaluation/subgroups.csv", "evaluation/subgroups_val.csv"} <= {
+        a.path for a in client.list_artifacts(run_id, "evaluation")
+    }
     assert str(champion.version) == "1" and champion.tags["promotion"].startswith("first model")
     assert float(champion.tags["test/balanced_accuracy"]) == pytest.approx(metrics["test/balanced_accuracy"], 1e-3)
     assert set(champion.tags) == {
@@ -202,6 +236,8 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     assert challenger.tags["promotion"].startswith("val_served/balanced_accuracy ")
     assert "scored on this split" in challenger.tags["promotion"]
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert challenger.description == (params.paths.reports / "model_card.md").read_text()  # each version its own
+    assert challenger.description.startswith(f"# Model card: {name} version 2\n")
 
 
 def test_evaluated_runs_compare_through_their_logged_predictions(evaluated, capsys):
