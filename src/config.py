@@ -127,6 +127,7 @@ class AugmentParams(Section):
     )
     gamma: float = Field(0.0, ge=0, le=1, description="tone curve: gamma exp(u), u uniform in [-gamma, gamma]")
     blur: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur, sigma up to 2% of the side")
+    noise: float = Field(0.0, ge=0, le=1, description="probability of Gaussian sensor noise, sigma up to 20 levels")
     jpeg: float = Field(0.0, ge=0, le=1, description="probability of a JPEG round trip at quality 20-95")
     hair: float = Field(0.0, ge=0, le=1, description="probability of drawing 1-12 synthetic hairs")
 

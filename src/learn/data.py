@@ -217,6 +217,18 @@ class RandomIllumination(torch.nn.Module):
         return self.apply(img[None], gains[None], gamma[None])[0]
 
 
+class RandomNoise(torch.nn.Module):
+    """Gaussian sensor noise on a uint8 image, sigma uniform in [0, max_sigma] grey levels."""
+
+    def __init__(self, max_sigma: float):
+        super().__init__()
+        self.max_sigma = max_sigma
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        sigma = float(torch.rand(())) * self.max_sigma
+        return (img.float() + torch.randn(img.shape) * sigma).round_().clamp_(0, 255).to(torch.uint8)
+
+
 class RandomHair(torch.nn.Module):
     """With probability p, 1-12 synthetic hairs drawn across the image (the shift report's hair strokes), their
     randomness drawn from torch's generator so that a seeded run repeats them."""
@@ -262,7 +274,7 @@ def train_transform(aug: AugmentParams, size: int) -> v2.Compose:
 
 def acquisition_steps(aug: AugmentParams, size: int) -> list[torch.nn.Module]:
     """Per-image shifts of another device's optics and files, in the order they happen: hair on the skin, then
-    defocus, then the JPEG the device saves."""
+    defocus, sensor noise, and the JPEG the device saves."""
     steps: list[torch.nn.Module] = []
     if aug.hair:
         steps.append(RandomHair(aug.hair))
@@ -270,6 +282,8 @@ def acquisition_steps(aug: AugmentParams, size: int) -> list[torch.nn.Module]:
         sigma = 0.02 * size
         blur = v2.GaussianBlur(kernel_size=2 * math.ceil(3 * sigma) + 1, sigma=(0.1, sigma))
         steps.append(v2.RandomApply([blur], p=aug.blur))
+    if aug.noise:
+        steps.append(v2.RandomApply([RandomNoise(20.0)], p=aug.noise))
     if aug.jpeg:
         steps.append(v2.RandomApply([v2.JPEG((20, 95))], p=aug.jpeg))
     return steps

@@ -112,7 +112,7 @@ def test_image_folder_with_or_without_images_subfolder(tmp_path, nested):
         AugmentParams(rot90=False, hue=0, brightness=0),
         AugmentParams(policy="trivial", random_erasing=0.5),
         AugmentParams(policy="randaugment"),
-        AugmentParams(color_cast=0.3, gamma=0.3, blur=0.5, jpeg=0.5, hair=0.5),  # the acquisition shifts
+        AugmentParams(color_cast=0.3, gamma=0.3, blur=0.5, noise=0.5, jpeg=0.5, hair=0.5),  # the acquisition shifts
     ],
 )
 def test_batched_augmentation_matches_per_sample_transform(tmp_path, aug):
