@@ -111,7 +111,13 @@ def shift_png(table, path: Path, title: str) -> None:
     ax.axvline(clean, color="k", lw=1, ls="--", label=f"clean {clean:.3f}")
     score = shifted["balanced_accuracy"].mean()
     ax.axvline(score, color="tab:red", lw=1, label=f"shift score {score:.3f}")
-    ax.set(yticks=range(len(names)), yticklabels=names, xlim=(0, 1), xlabel="balanced accuracy", title=title)
+    ax.set(
+        yticks=range(len(names)),
+        yticklabels=names,
+        xlim=(0, 1),
+        xlabel="balanced accuracy (darker: a stronger shift)",
+        title=title,
+    )
     ax.invert_yaxis()
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
