@@ -1,4 +1,5 @@
-"""Attention rollout: maps of the right shape that leave the prediction unchanged, and the gallery's picks."""
+"""Explanation maps: each method's maps of the right shape that leave the prediction unchanged, and the gallery's
+picks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import pytest
 import torch
 
 from src.config import ModelParams
-from src.learn.explain import ExplainError, attention_rollout, check_explainable, gallery_picks, recorded_attention
+from src.learn.explain import (
+    DEFAULT_METHOD,
+    METHODS,
+    ExplainError,
+    attention_rollout,
+    check_explainable,
+    explain_map,
+    gallery_picks,
+    recorded_attention,
+)
 from src.learn.model import Probabilities, build_model
 
 
@@ -34,6 +44,41 @@ def test_rollout_gives_one_map_per_image_and_changes_nothing(vit):
     assert np.allclose(maps.min(axis=(1, 2)), 0) and np.allclose(maps.max(axis=(1, 2)), 1)
     assert not np.allclose(maps[0], maps[1])  # each image its own map
     assert all(not b.attn.attn_drop._forward_hooks for b in vit.backbone.blocks)  # hooks removed
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_gives_a_deterministic_map_in_0_1_per_image(vit, method):
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    maps = explain_map(vit, images, method)
+    assert maps.shape == (3, 32, 32) and maps.dtype == np.float32 and np.isfinite(maps).all()
+    assert np.allclose(maps.min(axis=(1, 2)), 0) and np.allclose(maps.max(axis=(1, 2)), 1)
+    assert not np.allclose(maps[0], maps[1])  # each image its own map
+    assert np.array_equal(maps, explain_map(vit, images, method))
+    np.testing.assert_allclose(explain_map(vit, images[1:], method), maps[1:], atol=1e-5)  # images do not mix
+    assert all(not b.attn.attn_drop._forward_hooks for b in vit.backbone.blocks)  # hooks removed
+    assert not any(p.grad is not None for p in vit.parameters())  # the gradient methods leave no gradients behind
+
+
+def test_the_methods_differ_and_the_gradient_ones_explain_the_class_asked_for(vit):
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    maps = {method: explain_map(vit, images, method) for method in METHODS}
+    assert DEFAULT_METHOD in METHODS and np.array_equal(maps["rollout"], attention_rollout(vit, images))
+    assert not any(np.allclose(maps[a], maps[b]) for a in METHODS for b in METHODS if a < b)
+    with torch.inference_mode():
+        predicted = vit(torch.from_numpy(images)).argmax(dim=1).numpy()
+    for p in vit.parameters():
+        p.requires_grad_(False)  # frozen weights and an inference-mode caller still get gradient maps
+    for method in ("gradient_rollout", "grad_cam"):
+        with torch.inference_mode():
+            assert np.array_equal(explain_map(vit, images, method, predicted), maps[method])
+        other = explain_map(vit, images, method, (predicted + 1) % 7)
+        assert not np.allclose(other, maps[method])
+    assert np.array_equal(explain_map(vit, images, "rollout", (predicted + 1) % 7), maps["rollout"])  # no class
+
+
+def test_an_unknown_method_is_a_clear_error(vit):
+    with pytest.raises(ExplainError, match="unknown explanation method 'lime'; choose one of rollout, "):
+        explain_map(vit, np.zeros((1, 32, 32, 3), np.uint8), "lime")
 
 
 def test_the_gallery_shows_per_class_the_most_confident_right_and_wrong():
