@@ -11,7 +11,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
-ENTRY_POINTS = ("download", "split", "train", "evaluate", "tune", "predict", "bench")
+ENTRY_POINTS = ("download", "split", "train", "evaluate", "tune", "predict", "bench", "faithfulness")
 CORE = "src.learn"
 NOT_IN_CORE = ("mlflow", "optuna", "argparse")
 
