@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--model", help="MLflow model URI (default: models:/<tracking.registered_model>@champion)")
     group.add_argument("--checkpoint", type=Path, help="a train checkpoint such as models/best.pt instead of MLflow")
     p.add_argument(
-        "--explain", type=Path, metavar="DIR", help="also write an attention map per image into DIR (<image>.png)"
+        "--explain", type=Path, metavar="DIR", help="also write an explanation map per image into DIR (<image>.png)"
     )
     p.add_argument(
         "--precision",
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_explanations(files: list[Path], model, size: int, out_dir: Path) -> None:
-    """An attention map over each readable image, titled with the predicted class and its probability."""
+    """An explanation map over each readable image, titled with the predicted class and its probability."""
     from src.config import CLASSES
     from src.learn.explain import explained_batches
     from src.tracking.plots import explanation_png

@@ -1,4 +1,4 @@
-"""One uploaded image through the model, as the demo page shows it: calibrated probabilities and an attention map."""
+"""One uploaded image through the model, as the demo page shows it: calibrated probabilities and an explanation map."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from src.config import CLASSES
-from src.learn.explain import attention_rollout, check_explainable
+from src.learn.explain import DEFAULT_METHOD, METHODS, check_explainable, explain_map
 from src.prepare.imaging import load_image
 
 CLASS_NAMES = {
@@ -31,7 +31,8 @@ MAP_OPACITY = 0.45
 class Analysis:
     probabilities: dict[str, float]  # CLASSES order: what the served model returns for this image
     image_png: str  # base64 PNG of the image as the model saw it (decoded, resized)
-    map_png: str  # base64 PNG of the same image with its attention-rollout map laid over it
+    map_png: str  # base64 PNG of the same image with its explanation map (explain.DEFAULT_METHOD) laid over it
+    map_method: str = METHODS[DEFAULT_METHOD]  # what drew the map, for its caption
 
     @property
     def predicted(self) -> str:
@@ -45,7 +46,7 @@ def analyse(model: torch.nn.Module, size: int, data: bytes) -> Analysis:
     batch = image[None].copy()  # writable: torch would warn about the decoder's read-only buffer
     with torch.inference_mode():
         probs = model(torch.from_numpy(batch)).float().numpy()[0]
-    heat = attention_rollout(check_explainable(model), batch)[0]
+    heat = explain_map(check_explainable(model), batch, classes=probs[None].argmax(axis=1))[0]
     return Analysis(
         probabilities={name: float(p) for name, p in zip(CLASSES, probs, strict=True)},
         image_png=_png(image),

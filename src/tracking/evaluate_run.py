@@ -21,7 +21,7 @@ from src.learn.confusions import top_confusions
 from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import fit_offsets, held_out_offsets
 from src.learn.engine import predict, select_device
-from src.learn.explain import ExplainError, attention_rollout, gallery_picks
+from src.learn.explain import DEFAULT_METHOD, METHODS, ExplainError, explain_map, gallery_picks
 from src.learn.inference import CHECKPOINT_FILE, DECISION_FILE, load_trained, probabilities, save_decision
 from src.learn.metrics import balanced_accuracy, balanced_accuracy_interval, confusion, full_metrics, roc_curves
 from src.learn.model import AllViews, Classifier, Probabilities
@@ -193,12 +193,13 @@ def split_metrics(served: Probabilities, params: Params, name: str, image_size: 
 def write_explanations(
     classifier: Classifier, split: SplitData, labels: np.ndarray, probs: np.ndarray, reports: Path, name: str
 ) -> None:
-    """A gallery of attention maps: per class the most confident right and wrong prediction, with the true and
-    predicted class and the served probability on each tile (skipped, with a warning, for a model that is no ViT)."""
+    """A gallery of explanation maps (DEFAULT_METHOD, of the served prediction): per class the most confident right
+    and wrong prediction, with the true and predicted class and the served probability on each tile (skipped, with a
+    warning, for a model that is no ViT)."""
     picks = gallery_picks(labels, probs)
     images = np.stack([split.dataset[i][0].numpy() for i, _ in picks])
     try:
-        maps = attention_rollout(classifier, images)
+        maps = explain_map(classifier, images, classes=probs[[i for i, _ in picks]].argmax(axis=1))
     except ExplainError as err:
         log.warning("no explanation gallery: %s", err)
         return
@@ -208,7 +209,7 @@ def write_explanations(
         for i, kind in picks
     ]
     suffix = "" if name == "test" else f"_{name}"
-    title = f"{name}: attention rollout, per class the most confident right and wrong prediction"
+    title = f"{name}: {METHODS[DEFAULT_METHOD]}, per class the most confident right and wrong prediction"
     explanation_gallery_png(images, maps, titles, reports / f"explanations{suffix}.png", title)
 
 

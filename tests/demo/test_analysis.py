@@ -12,6 +12,7 @@ from PIL import Image
 
 from src.config import CLASSES, ModelParams
 from src.demo.analysis import analyse, overlay
+from src.learn.explain import DEFAULT_METHOD, explain_map
 from src.learn.model import Probabilities, build_model
 from src.prepare.imaging import ImageReadError, load_image
 
@@ -43,6 +44,8 @@ def test_an_upload_gets_the_served_probabilities_and_a_map_at_the_model_size(ser
     assert np.array_equal(shown, image)  # lossless: what the model saw
     drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.map_png))))
     assert drawn.shape == (32, 32, 3) and not np.array_equal(drawn, image)
+    heat = explain_map(served.classifier, image[None].copy(), DEFAULT_METHOD, expected.argmax(keepdims=True))[0]
+    assert np.array_equal(drawn, overlay(image, heat))  # the default method's map of the served prediction
 
 
 def test_the_overlay_blends_the_map_into_the_image():
