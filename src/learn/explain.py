@@ -33,7 +33,9 @@ METHODS = {
     "gradient_rollout": "gradient-weighted attention rollout",
     "grad_cam": "Grad-CAM on the last block",
 }
-DEFAULT_METHOD = "rollout"
+# the most faithful on a 128 px ViT-Tiny (python -m src.faithfulness, 100 test images): deletion AUC 0.388 and
+# insertion AUC 0.618, against rollout's 0.453 and 0.548 (docs/predicting.md, "Where the model looked")
+DEFAULT_METHOD = "gradient_rollout"
 DISCARD_RATIO = 0.9  # rollout_max: vit-explain's setting for ViTs fine-tuned on ImageNet
 
 

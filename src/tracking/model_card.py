@@ -239,8 +239,9 @@ def limitations_section(facts: RunFacts) -> str:
             "- Single-source data: HAM10000 comes from two sites (Medical University of Vienna; a skin cancer "
             "practice in Queensland, Australia), mostly fair-skinned patients and a few dermatoscopes; other "
             "clinics, devices and skin types are untested.",
-            "- Attention maps often highlight the image corners (vignetting, dermatoscope borders) rather than the "
-            "lesion: the model may use cues that are not the lesion's.",
+            "- Attention-rollout maps often highlight the image corners (vignetting, dermatoscope borders) rather than "
+            "the lesion; the gradient-weighted maps of the gallery point at the lesion more faithfully (deletion and "
+            "insertion, `python -m src.faithfulness`), yet show where the model looked, not why it decided.",
             "- Subgroups with few lesions have wide intervals; an unflagged subgroup is not shown to be as good.",
         ]
     )
