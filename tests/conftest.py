@@ -203,9 +203,10 @@ def project_copy(work: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Path:
-    """A fresh clone-like copy of the project after `dvc exp run` with the README's offline overrides."""
+    """A fresh clone-like copy of the project after `dvc exp run` with the README's offline overrides and colour
+    constancy on, so that evaluate, predict, the served model and the demo page must all apply it alike."""
     work = project_copy(tmp_path_factory.mktemp("clone"))
-    run_ok(["dvc", "exp", "run", *OFFLINE], work, timeout=900)
+    run_ok(["dvc", "exp", "run", *OFFLINE, "-S", "data.color_constancy=shades_of_gray"], work, timeout=900)
     return work
 
 

@@ -32,8 +32,20 @@ def test_all_stages_ran_and_wrote_metrics_and_plots(pipeline):
     assert 0 <= evaluation["test/balanced_accuracy"] <= 1
     shown = json.loads(run_ok(["dvc", "metrics", "show", "--json"], pipeline).stdout)
     assert "test/balanced_accuracy" in json.dumps(shown)
-    for plot in ("train_history.csv", "confusion.csv", "roc.csv", "confusion_matrix.png", "roc_curves.png"):
+    for plot in (
+        "train_history.csv",
+        "confusion.csv",
+        "roc.csv",
+        "confusion_matrix.png",
+        "roc_curves.png",
+        "shift.png",
+    ):
         assert (pipeline / "reports" / plot).stat().st_size > 0
+    shift = pd.read_csv(pipeline / "reports/shift.csv")  # the shift report ran in the evaluate stage
+    assert evaluation["shift/test/score"] == pytest.approx(shift["balanced_accuracy"].iloc[1:].mean(), abs=1e-4)
+    plots = json.loads(run_ok(["dvc", "plots", "show", "--json"], pipeline).stdout)["data"]
+    drawn = plots["acquisition shifts"][0]["content"]["data"]["values"]  # dvc.yaml's plot of the shift report
+    assert [row["condition"] for row in drawn] == shift["condition"].tolist()
     status = run_ok(["dvc", "status"], pipeline).stdout
     assert "up to date" in status, status
 
