@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,14 @@ sys.path.insert(0, str(REPO))  # run as `python docs/screenshots.py`: src and te
 
 from src.config import load_params  # noqa: E402
 from src.tracking.registry import registered_name  # noqa: E402
-from tests.conftest import OFFLINE, free_port, project_copy, project_env, stop_mlflow_server  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    OFFLINE,
+    answers_health,
+    free_port,
+    project_copy,
+    project_env,
+    stop_mlflow_server,
+)
 
 log = logging.getLogger(__name__)
 WIDTH, HEIGHT = 1200, 1600  # the browser's window in pixels; each picture is cut above a heading, so shorter
@@ -90,13 +96,8 @@ def start_server(db: Path, port: int, log_file: Path) -> subprocess.Popen:
     env = project_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     with log_file.open("wb") as out:  # a file, not a pipe: a server logging every request would fill a pipe and stall
         proc = subprocess.Popen(cmd, cwd=db.parent, env=env, stdout=out, stderr=out, start_new_session=True)
-    deadline = time.time() + 180  # it takes ~20 s alone, longer on a busy machine
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.5)
+    if answers_health(proc, port):  # ~20 s alone, longer on a busy machine
+        return proc
     stop_mlflow_server(proc)
     tail = log_file.read_text(errors="replace")[-3000:]
     raise ScreenshotError(f"mlflow server did not start within 180 s (exit code {proc.returncode}); its log:\n{tail}")

@@ -107,6 +107,19 @@ def start_model_server(model_uri: str, tracking_uri: str, cwd: Path, port: int) 
     return _start_healthy(cmd, cwd, port, {"MLFLOW_TRACKING_URI": tracking_uri, "PATH": path})
 
 
+def answers_health(proc: subprocess.Popen, port: int, seconds: float = 180) -> bool:
+    """Poll the server's /health until it answers (True), it exits or `seconds` pass (generous: a busy 2-core
+    machine starts a server slowly)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return True
+        except requests.RequestException:
+            time.sleep(0.5)
+    return False
+
+
 def _start_healthy(cmd: list[str], cwd: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
     env = {**clean_environ(), **env}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
@@ -114,13 +127,8 @@ def _start_healthy(cmd: list[str], cwd: Path, port: int, env: dict[str, str]) ->
     log = cwd / f"server-{port}.log"  # not a pipe: a server that logs every request would fill it and stall
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
-    deadline = time.time() + 180  # generous: a busy 2-core machine starts a server slowly
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.5)
+    if answers_health(proc, port):
+        return proc
     stop_mlflow_server(proc, signal.SIGKILL)
     pytest.fail(f"{' '.join(cmd[1:4])} did not start within 180 s: {log.read_text(errors='replace')[-2000:]}")
 
