@@ -192,6 +192,11 @@ class EvaluateParams(Section):
     tta: bool | Literal["auto"] = Field(
         "auto", description="average probabilities over the 8 flips/rotations; auto = when it helps on val"
     )
+    tta_views: Literal[2, 4, 8] = Field(
+        8,
+        description="how many of the 8 flips/rotations TTA averages (2: and the mirror image; 4: and upside down); "
+        "evaluate's passes over val and test cost about this many times one view",
+    )
     prior_correction: bool = Field(
         False, description="per-class logit offsets fitted on val for balanced accuracy, stored with the model"
     )
@@ -202,6 +207,19 @@ class EvaluateParams(Section):
     shift: bool = Field(True, description="the shift report: val and test scored under acquisition shifts")
     shift_per_class: int = Field(
         40, ge=1, description="shift report: at most this many lesions per class (one image each) per split"
+    )
+    referral_target: float | None = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="referral rule: the balanced accuracy that the decided cases must reach on val; the others are "
+        "referred (null: none referred)",
+    )
+    ood_keep: float | None = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="OOD guard: the share of val images its threshold keeps as in distribution (null: no guard)",
     )
 
 

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         params = cli.load(args)
         if args.images < 1 or args.steps < 1:
             raise UserError("--images and --steps must be positive")
-        served, size = load_from_checkpoint(args.checkpoint or params.paths.models / CHECKPOINT_FILE)
+        triage, size = load_from_checkpoint(args.checkpoint or params.paths.models / CHECKPOINT_FILE)
+        served = triage.served  # the maps explain the probabilities; the flags play no part
         split = load_split(params.paths, args.split)
         if split.dataset.image_size != size:
             raise DataError(

@@ -1,4 +1,5 @@
-"""Classify image files with the champion model (or a model URI or checkpoint) into an ISIC 2018 Task 3 CSV."""
+"""Classify image files with the champion model (or a model URI or checkpoint) into an ISIC 2018 Task 3 CSV, with
+the served triage flags: which cases to refer, and which inputs look like no dermoscopy image the model knows."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--checkpoint", type=Path, help="a train checkpoint such as models/best.pt instead of MLflow")
     p.add_argument(
         "--explain", type=Path, metavar="DIR", help="also write an explanation map per image into DIR (<image>.png)"
+    )
+    p.add_argument(
+        "--isic",
+        action="store_true",
+        help="only the ISIC 2018 submission columns (without referred, out_of_distribution and ood_distance)",
     )
     p.add_argument(
         "--precision",
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_explainable(model)  # before predicting: an export cannot be explained
         with autocast(torch.device("cpu"), precision):
-            failed = predict_files(args.inputs, args.output, model, size)
+            failed = predict_files(args.inputs, args.output, model, size, flags=not args.isic)
         if args.explain:
             write_explanations(find_images(args.inputs), model, size, args.explain)
         print(args.output)

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from src.config import CLASSES
+from src.learn.ood_probes import probe_images
 from tests.conftest import REPO, free_port, project_env, stop_mlflow_server
 
 pytestmark = pytest.mark.e2e
@@ -104,6 +105,9 @@ def test_the_page_classifies_an_uploaded_or_dropped_image_like_evaluate(demo, br
     top = max(shown, key=shown.get)
     assert page.get_attribute(".bar.top", "data-class") == top and f"({top})" in page.inner_text("#result h2")
     assert page.evaluate("document.getElementById('map').naturalWidth") == 32  # the map at the model's size
+    assert page.locator("#ood").count() == int(expected.loc[files[0].stem, "out_of_distribution"])  # evaluate's flags
+    referred = page.locator("#referred.refer").count() == 1
+    assert referred == bool(expected.loc[files[0].stem, "referred"])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "demo-page.png"), full_page=True)
 
@@ -119,6 +123,22 @@ def test_the_page_classifies_an_uploaded_or_dropped_image_like_evaluate(demo, br
     assert "dropped.jpg" in page.inner_text("#result h2")
     for name in CLASSES:
         assert shown_probabilities(page)[name] == pytest.approx(expected.loc[files[1].stem, name], abs=1e-5)
+    page.close()
+
+
+def test_a_photo_that_is_no_dermoscopy_is_flagged_plainly_as_evaluate_flagged_it(demo, browser, pipeline, tmp_path):
+    probes = pd.read_csv(pipeline / "reports/ood.csv").set_index("name")
+    flagged = probes.index[(probes["kind"] == "photo") & probes["flagged"].astype(bool)]
+    assert len(flagged), "the guard flags none of the photographs"
+    photo = tmp_path / f"{flagged[0]}.png"
+    photo.write_bytes(next(data for _, name, data in probe_images() if name == flagged[0]))
+    page = browser.new_page()
+    page.goto(demo)
+    with page.expect_navigation():
+        page.set_input_files("#image", str(photo))
+    assert "This does not look like a dermoscopy image." in page.inner_text("#ood")
+    distance = float(page.inner_text("#ood").split("distance ")[1].split(" ")[0])
+    assert distance == pytest.approx(probes.loc[flagged[0], "ood_distance"], abs=0.06)
     page.close()
 
 

@@ -46,6 +46,9 @@ def test_all_stages_ran_and_wrote_metrics_and_plots(pipeline):
     plots = json.loads(run_ok(["dvc", "plots", "show", "--json"], pipeline).stdout)["data"]
     drawn = plots["acquisition shifts"][0]["content"]["data"]["values"]  # dvc.yaml's plot of the shift report
     assert [row["condition"] for row in drawn] == shift["condition"].tolist()
+    assert len(plots["referral"][0]["content"]["data"]["values"]) == len(
+        pd.read_csv(pipeline / "reports/risk_coverage.csv")
+    )
     status = run_ok(["dvc", "status"], pipeline).stdout
     assert "up to date" in status, status
 
@@ -57,6 +60,8 @@ def test_champion_predicts_like_evaluate(pipeline):
     got = pd.read_csv(pipeline / "submission.csv").set_index("image").loc[expected["image_id"]]
     for ours, theirs in (("MEL", "mel"), ("NV", "nv"), ("BCC", "bcc"), ("VASC", "vasc")):
         np.testing.assert_allclose(got[ours].to_numpy(), expected[theirs].to_numpy(), atol=1e-5)
+    for flag in ("referred", "out_of_distribution"):  # the triage flags evaluate wrote
+        assert got[flag].tolist() == expected[flag].tolist(), flag
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +131,12 @@ def test_served_model_takes_pixels_or_base64_files_and_answers_400_to_bad_input(
     ):
         answer = requests.post(served, json=body, timeout=60)
         assert answer.status_code == 200, answer.text
-        got = np.asarray(answer.json()["predictions"])
-        np.testing.assert_allclose(got, expected[list(CLASSES)].to_numpy(), atol=1e-5)
+        got = pd.DataFrame(answer.json()["predictions"])  # a record per image: probabilities, then the flags
+        assert list(got.columns) == [*CLASSES, "referred", "out_of_distribution", "ood_distance"]
+        np.testing.assert_allclose(got[list(CLASSES)], expected[list(CLASSES)].to_numpy(), atol=1e-5)
+        assert got["referred"].tolist() == expected["referred"].tolist()
+        assert got["out_of_distribution"].tolist() == expected["out_of_distribution"].tolist()
+        np.testing.assert_allclose(got["ood_distance"], expected["ood_distance"], rtol=1e-4)
 
     text = base64.b64encode(b"not an image").decode("ascii")
     for body, says in (

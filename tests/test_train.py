@@ -42,6 +42,7 @@ from src.learn.inference import (
 from src.learn.metrics import balanced_accuracy
 from src.learn.shifts import conditions
 from src.learn.training import load_train_data
+from src.learn.triage import FLAG_COLUMNS
 from src.prepare.imaging import load_image
 from src.prepare.split import split
 from src.tracking.evaluate_run import evaluate
@@ -111,6 +112,11 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
         low, high = metrics[f"{prefix}/balanced_accuracy_ci_low"], metrics[f"{prefix}/balanced_accuracy_ci_high"]
         assert 0 <= low <= metrics[f"{prefix}/balanced_accuracy"] <= high <= 1
     assert metrics["decision/tta"] == 1.0
+    views = {k: metrics[f"decision/val_balanced_accuracy_views_{k}"] for k in (1, 2, 4, 8)}  # fewer TTA views
+    assert (
+        views[8] == metrics["decision/val_balanced_accuracy_tta"]
+        and views[1] == metrics["decision/val_balanced_accuracy_plain"]
+    )
     # calibration: a temperature fitted on val (NLL), kept by `auto` only where it lowers val ECE
     temperature = json.loads((params.paths.models / "decision.json").read_text())["temperature"]
     assert temperature == pytest.approx(metrics["decision/temperature"], abs=1e-4)
@@ -209,6 +215,7 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
         assert not failures
         for ours, theirs in ISIC_COLUMNS.items():
             np.testing.assert_allclose(frame[ours], expected[theirs], atol=1e-5)
+        assert_same_flags(frame, expected)
     # the served model on the val images is the decision fitted there; with the prior correction on, what
     # promotion compares is val scored with offsets fitted on the other half of its lesions
     val = pd.read_csv(params.paths.splits / "val.csv")
@@ -223,12 +230,14 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     decision = params.paths.models / "decision.json"
     stale = json.loads(decision.read_text()) | {"checkpoint": "another-run:1"}
     decision.write_text(json.dumps(stale))  # a decision made for another model is not applied to this one
-    assert not load_from_checkpoint(params.paths.models / "best.pt")[0].tta
+    assert not load_from_checkpoint(params.paths.models / "best.pt")[0].served.tta
     images = np.stack([load_image(f, size) for f in files])
     pyfunc = mlflow.pyfunc.load_model(uri)
     encoded = pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]})
     for served in (pyfunc.predict(images), pyfunc.predict(encoded)):  # pixels, or the JPEG files as base64
-        np.testing.assert_allclose(np.asarray(served), expected[list(CLASSES)].to_numpy(), atol=1e-5)
+        assert list(served.columns) == [*CLASSES, *FLAG_COLUMNS]
+        np.testing.assert_allclose(served[list(CLASSES)], expected[list(CLASSES)].to_numpy(), atol=1e-5)
+        assert_same_flags(served, expected)
 
     evaluate(params)  # the same model again: not better, so it is challenger and the champion stays
     challenger = client.get_model_version_by_alias(name, "challenger")
@@ -238,6 +247,35 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert challenger.description == (params.paths.reports / "model_card.md").read_text()  # each version its own
     assert challenger.description.startswith(f"# Model card: {name} version 2\n")
+
+
+def assert_same_flags(served: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """The triage flags of a served answer are those evaluate wrote for the same images."""
+    for flag in ("referred", "out_of_distribution"):
+        assert served[flag].astype(bool).tolist() == expected[flag].astype(bool).tolist(), flag
+    np.testing.assert_allclose(served["ood_distance"], expected["ood_distance"], rtol=1e-4)
+
+
+def test_evaluate_fits_the_referral_rule_and_the_guard_on_val(evaluated):
+    params, metrics = evaluated
+    reports = params.paths.reports
+    decision = json.loads((params.paths.models / "decision.json").read_text())
+    assert decision["referral_threshold"] == pytest.approx(metrics["referral/threshold"], abs=1e-6)
+    for name, suffix in (("val", "_val"), ("test", "")):  # coverage is the share of rows the CSV marks decided
+        rows = pd.read_csv(reports / f"predictions{suffix}.csv")
+        decided = rows[list(CLASSES)].max(axis=1) >= metrics["referral/threshold"]
+        assert (~rows["referred"]).tolist() == decided.tolist()
+        assert metrics[f"referral/{name}/coverage"] == pytest.approx(decided.mean())
+        assert metrics[f"ood/{name}_flagged"] == pytest.approx(rows["out_of_distribution"].mean())
+        assert (rows["out_of_distribution"] == (rows["ood_distance"] > metrics["ood/threshold"])).all()
+    assert metrics["ood/val_flagged"] <= 1 - params.evaluate.ood_keep  # the threshold keeps 95% of val
+    curve = pd.read_csv(reports / "risk_coverage.csv")
+    assert set(curve["split"]) == {"val", "test"} and curve["coverage"].between(0, 1).all()
+    probes = pd.read_csv(reports / "ood.csv").set_index("name")
+    assert {"sklearn_china", "skimage_astronaut", "screenshot", "flat_white"} <= set(probes.index)
+    photos = probes[probes["kind"] == "photo"]
+    assert metrics["ood/photos_flagged"] == pytest.approx(photos["flagged"].astype(bool).mean())
+    assert (reports / "risk_coverage.png").stat().st_size > 0
 
 
 def test_evaluated_runs_compare_through_their_logged_predictions(evaluated, capsys):
@@ -337,9 +375,11 @@ def test_predict_reports_unreadable_files_and_goes_on(trained, synthetic_raw, tm
     out = tmp_path / "sub.csv"
     assert predict_files([good, bad], out, model, size) == 1
     frame = pd.read_csv(out)
-    assert list(frame.columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    assert list(frame.columns) == ["image", *ISIC_COLUMNS, *FLAG_COLUMNS]
     assert list(frame["image"]) == [good.stem]
-    assert frame.iloc[0, 1:].sum() == pytest.approx(1, abs=1e-5)
+    assert frame.loc[0, list(ISIC_COLUMNS)].sum() == pytest.approx(1, abs=1e-5)
+    assert predict_files([good, bad], out, model, size, flags=False) == 1  # --isic: exactly a submission
+    assert list(pd.read_csv(out).columns) == ["image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
 
 
 def test_predict_explain_writes_a_map_per_image(evaluated, synthetic_raw, tmp_path):
@@ -365,7 +405,7 @@ def test_predict_in_bf16_runs_the_registered_model_under_autocast(evaluated, syn
         out = tmp_path / f"{precision}.csv"
         argv = [*files, "-o", str(out), "--model", champion, "--precision", precision]
         assert predict.main([*argv, "-S", f"tracking.uri={params.tracking.uri}"]) == 0
-        frames[precision] = pd.read_csv(out).set_index("image")
+        frames[precision] = pd.read_csv(out).set_index("image")[list(ISIC_COLUMNS)]
     difference = (frames["bf16"] - frames["fp32"]).abs().to_numpy()
     assert 0 < difference.max() < 0.05  # bf16 arithmetic: close, not the same numbers
 

@@ -1,4 +1,5 @@
-"""One uploaded image through the model, as the demo page shows it: calibrated probabilities and an explanation map."""
+"""One uploaded image through the model, as the demo page shows it: calibrated probabilities, the triage flags and an
+explanation map."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from src.config import CLASSES
 from src.learn.explain import DEFAULT_METHOD, METHODS, check_explainable, explain_map
+from src.learn.triage import split_output
 from src.prepare.imaging import load_image
 
 CLASS_NAMES = {
@@ -33,6 +35,9 @@ class Analysis:
     image_png: str  # base64 PNG of the image as the model saw it (decoded, resized)
     map_png: str  # base64 PNG of the same image with its explanation map (explain.DEFAULT_METHOD) laid over it
     map_method: str = METHODS[DEFAULT_METHOD]  # what drew the map, for its caption
+    referred: bool = False  # the top probability is below the referral threshold
+    out_of_distribution: bool = False  # the OOD guard finds it unlike the training images
+    ood_distance: float = float("nan")
 
     @property
     def predicted(self) -> str:
@@ -45,12 +50,15 @@ def analyse(model: torch.nn.Module, size: int, data: bytes) -> Analysis:
     image = load_image(io.BytesIO(data), size)
     batch = image[None].copy()  # writable: torch would warn about the decoder's read-only buffer
     with torch.inference_mode():
-        probs = model(torch.from_numpy(batch)).float().numpy()[0]
-    heat = explain_map(check_explainable(model), batch, classes=probs[None].argmax(axis=1))[0]
+        probs, flags = split_output(model(torch.from_numpy(batch)).float().numpy())
+    heat = explain_map(check_explainable(model), batch, classes=probs.argmax(axis=1))[0]
     return Analysis(
-        probabilities={name: float(p) for name, p in zip(CLASSES, probs, strict=True)},
+        probabilities={name: float(p) for name, p in zip(CLASSES, probs[0], strict=True)},
         image_png=_png(image),
         map_png=_png(overlay(image, heat)),
+        referred=bool(flags["referred"].iloc[0]),
+        out_of_distribution=bool(flags["out_of_distribution"].iloc[0]),
+        ood_distance=float(flags["ood_distance"].iloc[0]),
     )
 
 

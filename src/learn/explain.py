@@ -203,12 +203,13 @@ def explained_batches(
 ) -> Iterator[tuple[list, np.ndarray, np.ndarray, np.ndarray]]:
     """Per batch of readable files: the files, their pixels, maps of the served prediction and its probabilities."""
     from src.learn.inference import batches  # inference imports this module's users; import late
+    from src.learn.triage import split_output
 
     classifier = check_explainable(served)
     for ok, images, _ in batches(files, size, batch_size):
         if ok:
             with torch.inference_mode():
-                probs = served(torch.from_numpy(images)).float().numpy()
+                probs = split_output(served(torch.from_numpy(images)).float().numpy())[0]
             yield ok, images, explain_map(classifier, images, method, probs.argmax(axis=1)), probs
 
 

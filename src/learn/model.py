@@ -40,17 +40,43 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def normalised(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()
         if self.shades_of_gray_power is not None:
             x = shades_of_gray(x, self.shades_of_gray_power)
-        return self.backbone((x - self.mean) / self.std)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalised(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled features the classifier head reads (timm's pre-logits): what the OOD guard measures."""
+        return self.backbone.forward_head(self.backbone.forward_features(self.normalised(images)), pre_logits=True)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from `features`: features then head is the same computation as forward."""
+        return self.backbone.get_classifier()(features)
 
 
-def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 flips/90-degree rotations of a NHWC batch: dermoscopy has no up or left, so all 8 are one image."""
-    rotations = [torch.rot90(images, k, dims=(1, 2)) for k in range(4)]
-    return rotations + [r.flip(2) for r in rotations]
+TTA_VIEWS = (2, 4, 8)  # the view counts whose views form a group of symmetries (see dihedral_views)
+
+
+def dihedral_views(images: torch.Tensor, count: int = 8) -> list[torch.Tensor]:
+    """The first `count` of the 8 flips/90-degree rotations of a NHWC batch (dermoscopy has no up or left, so all 8
+    are one image), ordered so that the first 2 (identity, mirror) and the first 4 (and upside down, half turn) are
+    each closed under composition: a mean over them treats no direction differently."""
+    quarter = torch.rot90(images, 1, dims=(1, 2))
+    views = [
+        lambda: images,
+        lambda: images.flip(2),
+        lambda: images.flip(1),
+        lambda: torch.rot90(images, 2, dims=(1, 2)),
+        lambda: quarter,
+        lambda: quarter.flip(2),
+        lambda: quarter.flip(1),
+        lambda: torch.rot90(images, 3, dims=(1, 2)),
+    ]
+    return [view() for view in views[:count]]
 
 
 def combine_views(view_logits: torch.Tensor, temperature: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -63,8 +89,9 @@ def combine_views(view_logits: torch.Tensor, temperature: torch.Tensor, offsets:
 class Probabilities(nn.Module):
     """The served form: uint8 NHWC images -> class probabilities (columns in CLASSES order).
 
-    It holds the whole decision that evaluate measured: test-time augmentation (the mean of the softmax over the
-    8 dihedral views), a temperature fitted on val (calibrated confidence) and per-class log-offsets fitted on val.
+    It holds the whole decision that evaluate measured: test-time augmentation (the mean of the softmax over
+    `views` of the 8 dihedral views), a temperature fitted on val (calibrated confidence) and per-class log-offsets
+    fitted on val.
     Evaluate, the MLflow model, serving and predict all run this one module, so they return the same probabilities.
     """
 
@@ -74,18 +101,25 @@ class Probabilities(nn.Module):
         tta: bool = False,
         offsets: torch.Tensor | None = None,
         temperature: float = 1.0,
+        views: int = 8,
     ):
         super().__init__()
         self.classifier = classifier
         self.tta = tta
+        self.views = views if tta else 1
         offsets = torch.zeros(len(CLASSES)) if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
         self.register_buffer("offsets", offsets.clone())
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def view_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(N, views, classes): the logits of each view the decision averages (1 view without TTA)."""
-        views = dihedral_views(images) if self.tta else [images]
-        return torch.stack([self.classifier(v).float() for v in views], dim=1)
+        return self.view_outputs(images)[0]
+
+    def view_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of each view, and the pooled features of the image as it is (view 0), from one pass."""
+        views = dihedral_views(images, self.views)
+        features = [self.classifier.features(v) for v in views]
+        return torch.stack([self.classifier.head(f).float() for f in features], dim=1), features[0].float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return combine_views(self.view_logits(images), self.temperature, self.offsets)
@@ -94,18 +128,19 @@ class Probabilities(nn.Module):
         """The rule as plain values, for checkpoints and reports."""
         return {
             "tta": self.tta,
+            "tta_views": self.views,
             "temperature": round(float(self.temperature), 4),
             "offsets": [round(float(v), 4) for v in self.offsets],
         }
 
 
 class AllViews(nn.Module):
-    """The logits of all 8 dihedral views, (N, 8, classes): evaluate's one pass over a split, from which the plain,
-    TTA, calibrated and corrected probabilities all follow (view 0 is the image as it is)."""
+    """The logits of the first `views` dihedral views, (N, views, classes): evaluate's one pass over a split, from
+    which the plain, TTA, calibrated and corrected probabilities all follow (view 0 is the image as it is)."""
 
-    def __init__(self, classifier: Classifier):
+    def __init__(self, classifier: Classifier, views: int = 8):
         super().__init__()
-        self.served = Probabilities(classifier, tta=True)
+        self.served = Probabilities(classifier, tta=True, views=views)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.served.view_logits(images)

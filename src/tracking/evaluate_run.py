@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from src.config import CLASSES, Params
 from src.fileio import write_json, write_text
@@ -22,9 +22,9 @@ from src.learn.data import SplitData, load_split, make_loader
 from src.learn.decision import fit_offsets, held_out_offsets
 from src.learn.engine import predict, select_device
 from src.learn.explain import DEFAULT_METHOD, METHODS, ExplainError, explain_map, gallery_picks
-from src.learn.inference import CHECKPOINT_FILE, DECISION_FILE, load_trained, probabilities, save_decision
+from src.learn.inference import CHECKPOINT_FILE, load_trained, probabilities, save_decision
 from src.learn.metrics import balanced_accuracy, balanced_accuracy_interval, confusion, full_metrics, roc_curves
-from src.learn.model import AllViews, Classifier, Probabilities
+from src.learn.model import TTA_VIEWS, AllViews, Classifier, Probabilities
 from src.tracking import registry
 from src.tracking import runs as tracking
 from src.tracking.model_card import CARD_FILE, write_model_card
@@ -32,6 +32,7 @@ from src.tracking.models import load_from_mlflow
 from src.tracking.plots import confusion_png, explanation_gallery_png, reliability_png, roc_png
 from src.tracking.shift_report import shift_report
 from src.tracking.subgroup_report import subgroup_report
+from src.tracking.triage_report import fit_triage, triage_report
 
 log = logging.getLogger(__name__)
 ISIC_TEST = "isic2018_test"
@@ -64,8 +65,46 @@ def split_loader(params: Params, name: str, image_size: int, device: torch.devic
 def view_logits(classifier: Classifier, params: Params, name: str, image_size: int, device: torch.device):
     """One pass over a split: the logits of all 8 views (N, 8, classes), the labels and the split."""
     split, loader = split_loader(params, name, image_size, device)
-    logits, labels = predict(AllViews(classifier), loader, device, softmax=False)
+    logits, labels = predict(AllViews(classifier, params.evaluate.tta_views), loader, device, softmax=False)
     return logits, labels, split
+
+
+class PooledFeatures(torch.nn.Module):
+    """The classifier's pooled features (what the OOD guard measures), for engine.predict."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images)
+
+
+# Class means and a 192-384-dimensional shrunk covariance are estimated well from this many images per class; all of
+# train would add a pass as long as a third of evaluate's 8-view passes over val and test.
+GUARD_TRAIN_PER_CLASS = 300
+
+
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of at most `per_class` images of each class, drawn with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks))
+
+
+def guard_features(classifier: Classifier, params: Params, image_size: int, device: torch.device) -> dict:
+    """(pooled features, labels) of the image as it is, for the OOD guard (none when it is off): a per-class subset
+    of train, and val and test whole; one view each."""
+    if params.evaluate.ood_keep is None:
+        return {}
+    features = {}
+    for name in ("train", "val", "test"):
+        split, loader = split_loader(params, name, image_size, device)
+        if name == "train":
+            subset = Subset(split.dataset, per_class_subset(split.dataset.labels, GUARD_TRAIN_PER_CLASS))
+            loader = make_loader(subset, params.evaluate.batch_size, device, params.train.num_workers)
+        features[name] = predict(PooledFeatures(classifier), loader, device, softmax=False)
+    return features
 
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray, calibrate: bool | str) -> tuple[float, float, dict]:
@@ -95,11 +134,12 @@ def fit_decision(
         "tta": balanced_accuracy(labels, served_probs(logits)),
     }
     use_tta = bacc["tta"] > bacc["plain"] if params.evaluate.tta == "auto" else bool(params.evaluate.tta)
-    logits = logits if use_tta else logits[:, :1]
+    all_logits, logits = logits, logits if use_tta else logits[:, :1]
     fitted, temperature, calibration = choose_temperature(logits, labels, params.evaluate.calibrate)
     probs = served_probs(logits, temperature)
     offsets = fit_offsets(probs, labels) if params.evaluate.prior_correction else np.zeros(len(CLASSES))
-    served = Probabilities(classifier, use_tta, torch.tensor(offsets, dtype=torch.float32), temperature)
+    offsets_t = torch.tensor(offsets, dtype=torch.float32)
+    served = Probabilities(classifier, use_tta, offsets_t, temperature, params.evaluate.tta_views)
     served_val = served_probs(logits, temperature, offsets)  # exactly what the served model answers on val
     bacc["corrected"] = balanced_accuracy(labels, served_val)
     if params.evaluate.prior_correction:  # val_served: each lesion with offsets fitted on the other half of val
@@ -129,8 +169,17 @@ def fit_decision(
     metrics |= {f"decision/val_balanced_accuracy_{k}": v for k, v in bacc.items()}
     metrics |= {f"decision/val_{k}": v for k, v in calibration.items()}
     metrics |= {"decision/tta": float(use_tta), "decision/temperature": temperature}
+    metrics |= {"decision/tta_views": float(served.views)} | views_metrics(all_logits, labels)
     metrics |= {"decision/temperature_fitted": fitted}
     return served, metrics | {f"decision/offset_{c}": float(v) for c, v in zip(CLASSES, offsets, strict=True)}
+
+
+def views_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Val balanced accuracy of the mean over the first 1, 2, 4, ... views evaluate computed (each a symmetric set):
+    what fewer TTA views would cost, from the same pass."""
+    counts = [1, *(k for k in TTA_VIEWS if k <= logits.shape[1])]
+    key = "decision/val_balanced_accuracy_views_{}"
+    return {key.format(k): balanced_accuracy(labels, served_probs(logits[:, :k])) for k in counts}
 
 
 def out_of_fold(
@@ -286,10 +335,13 @@ def evaluate(params: Params) -> dict[str, float]:
     classifier, ckpt = load_trained(trained_checkpoint(params.paths.models))
     image_size = ckpt["config"]["data"]["image_size"]
     served, metrics = fit_decision(classifier.to(device), params, image_size, device)
-    save_decision(params.paths.models / DECISION_FILE, served, ckpt)
     splits = ["test"] + ([ISIC_TEST] if (params.paths.splits / f"{ISIC_TEST}.csv").exists() else [])
     for name in splits:
         metrics |= split_metrics(served, params, name, image_size, device)
+    features = guard_features(served.classifier, params, image_size, device)
+    triage = fit_triage(served, params, features)
+    metrics |= triage_report(triage, params, features, image_size, device)
+    save_decision(params.paths.models, triage, ckpt)
     for name in ("val", "test"):  # the served probabilities just written to reports/predictions*.csv, per subgroup
         metrics |= subgroup_report(params, name)
     for stale in params.paths.reports.glob("shift*.*"):  # a report from an earlier run is not this model's
@@ -306,13 +358,16 @@ def evaluate(params: Params) -> dict[str, float]:
             tracking.log_artifact(png, "evaluation")
         for table in ("evaluate.json", "confusions.csv", "calibration.csv", "predictions.csv", "predictions_val.csv"):
             tracking.log_artifact(params.paths.reports / table, "evaluation")
+        for table in ("risk_coverage.csv", "ood.csv"):
+            if (params.paths.reports / table).exists():
+                tracking.log_artifact(params.paths.reports / table, "evaluation")
         for table in sorted([*params.paths.reports.glob("shift*.csv"), *params.paths.reports.glob("subgroups*.csv")]):
             tracking.log_artifact(table, "evaluation")
         if not params.tracking.log_model:
             log.warning("tracking.log_model is false: the model is neither logged nor registered")
             write_model_card(params, ckpt, metrics, provenance, active.info.run_id, None)
             return metrics
-        model_uri = tracking.log_model(served, example_images(params, image_size), params.paths.models)
+        model_uri = tracking.log_model(triage, example_images(params, image_size), params.paths.models)
         metric = params.evaluate.promote_metric
         rescore = partial(score_registered, params=params, metric=metric)
         result = registry.register(model_uri, active.info.run_id, metrics, provenance, params.tracking, metric, rescore)

@@ -161,7 +161,7 @@ def calibration_section(facts: RunFacts) -> str:
 
 def decision_section(facts: RunFacts) -> str:
     rule = facts.decision
-    tta = "yes" if rule.get("tta") else "no"
+    tta = f"yes, {rule.get('tta_views', 8)} views" if rule.get("tta") else "no"
     offsets = rule.get("offsets")
     shown = (
         "none"
@@ -171,11 +171,39 @@ def decision_section(facts: RunFacts) -> str:
     return "\n".join(
         [
             f"## Decision rule (`models/{DECISION_FILE}`)",
-            f"- Test-time augmentation (mean over the 8 flips and 90-degree rotations): {tta}.",
+            f"- Test-time augmentation (mean over flips and 90-degree rotations): {tta}.",
             f"- Temperature: {number(rule.get('temperature'), 3)}.",
             f"- Prior-correction logit offsets: {shown}.",
             "- The predicted class is the argmax of the resulting probabilities.",
+            referral_line(facts.metrics, rule.get("referral_threshold")),
+            guard_line(facts.metrics),
         ]
+    )
+
+
+def referral_line(m: dict, threshold: float | None) -> str:
+    """The referral rule and what it decides on val and test."""
+    if "referral/val/coverage" not in m:
+        return "- Referral: none (`evaluate.referral_target` is null); every case is decided."
+    return (
+        f"- Referral: a case is referred when its top probability is below {number(threshold, 4)} (fitted on val for "
+        f"decided cases' balanced accuracy {number(m.get('referral/target'), 2)}); decided on val "
+        f"{100 * m['referral/val/coverage']:.1f}% at {number(m['referral/val/decided_balanced_accuracy'])}, on test "
+        f"{100 * m['referral/test/coverage']:.1f}% at {number(m['referral/test/decided_balanced_accuracy'])} "
+        "(reports/risk_coverage.csv)."
+    )
+
+
+def guard_line(m: dict) -> str:
+    """The OOD guard and its rates."""
+    if "ood/threshold" not in m:
+        return "- Out-of-distribution guard: none (`evaluate.ood_keep` is null)."
+    return (
+        f"- Out-of-distribution guard: Mahalanobis distance of the pooled features to the nearest class above "
+        f"{number(m['ood/threshold'], 2)} flags the input; it flags {100 * m['ood/val_flagged']:.1f}% of val, "
+        f"{100 * m['ood/test_flagged']:.1f}% of test, {100 * m['ood/photos_flagged']:.0f}% of the non-dermoscopy "
+        f"photographs and {100 * m['ood/generated_flagged']:.0f}% of the generated screenshots, text and flat colours "
+        "(reports/ood.csv)."
     )
 
 

@@ -149,3 +149,20 @@ def subgroups_png(table, path: Path, title: str) -> None:
     ax.invert_yaxis()
     ax.legend(loc="lower left", fontsize=8)
     _save(fig, path)
+
+
+def risk_coverage_png(curve, metrics: dict[str, float], target: float | None, path: Path) -> None:
+    """Balanced accuracy of the decided cases against the share decided, per split, with the referral rule's point
+    on each and the target as a line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (name, rows), colour in zip(curve.groupby("split", sort=False), ("tab:blue", "tab:red"), strict=False):
+        ax.plot(rows["coverage"], rows["balanced_accuracy"], color=colour, lw=1.2, label=name)
+        if f"referral/{name}/coverage" in metrics:
+            point = (metrics[f"referral/{name}/coverage"], metrics[f"referral/{name}/decided_balanced_accuracy"])
+            ax.plot(*point, "o", color=colour, label=f"{name} at the threshold: {point[0]:.0%} decided, {point[1]:.3f}")
+    if target is not None:
+        ax.axhline(target, color="k", lw=1, ls="--", label=f"target {target:.2f} (fitted on val)")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="share of cases decided (coverage)", ylabel="balanced accuracy of those")
+    ax.set_title("referral: risk-coverage")
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)

@@ -1,10 +1,11 @@
-"""The served MLflow model: images in, class probabilities out (columns in CLASSES order).
+"""The served MLflow model: images in; out, per image, the class probabilities (columns in CLASSES order) and the
+triage flags `referred`, `out_of_distribution` and `ood_distance` (src.learn.triage).
 
 It takes either a batch of uint8 images already at the model's size (`{"inputs": [N][S][S][3]}`, preprocessed like
 `src.prepare.imaging.load_image`) or encoded image files, base64 JPEG/PNG/any format Pillow reads, in a column
 `image` (`{"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}`), which it decodes exactly as
 predict does. Bad input is an MLflow INVALID_PARAMETER_VALUE error, which `mlflow models serve` answers with a 400
-naming the row and what is wrong. The model it runs is the exported `Probabilities` module (pt2), kept inside as
+naming the row and what is wrong. The model it runs is the exported `Triage` module (pt2), kept inside as
 an `mlflow.pytorch` model. Beside it the model carries the train checkpoint and evaluate's decision rule (artifact
 `checkpoint`): an export keeps no layers to hook, so explanation maps (predict --explain, the demo page) rebuild the
 same model in eager form from those.
@@ -28,8 +29,11 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
+from src.config import CLASSES
 from src.errors import UserError
 from src.learn.inference import CHECKPOINT_FILE, DECISION_FILE, load_from_checkpoint
+from src.learn.ood_guard import GUARD_FILE
+from src.learn.triage import split_output
 from src.prepare.imaging import ImageReadError, load_image
 
 IMAGE_COLUMN = "image"
@@ -86,7 +90,7 @@ def to_pixels(model_input: object, size: int) -> np.ndarray:
 
 
 class ServedImages(mlflow.pyfunc.PythonModel):
-    """The pyfunc that `mlflow models serve` runs; `model` is the exported Probabilities module."""
+    """The pyfunc that `mlflow models serve` runs; `model` is the exported Triage module."""
 
     # predict takes pixels or encoded files, which no single type hint describes; without this MLflow warns about
     # the missing hint in every process that imports this class (predict, evaluate)
@@ -103,10 +107,16 @@ class ServedImages(mlflow.pyfunc.PythonModel):
         self.model = mlflow.pytorch.load_model(context.artifacts["probabilities"], map_location="cpu")
         self.checkpoint_dir = context.artifacts.get("checkpoint")  # absent in models logged before maps
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
         images = to_pixels(model_input, self.size)
         with torch.inference_mode():
-            return self.model(torch.from_numpy(images)).numpy()
+            return answer_frame(self.model(torch.from_numpy(images)).numpy())
+
+
+def answer_frame(answer: np.ndarray) -> pd.DataFrame:
+    """The served answer with named columns: the classes' probabilities, then the triage flags."""
+    probs, flags = split_output(answer)
+    return pd.concat([pd.DataFrame(probs, columns=list(CLASSES)), flags], axis=1)
 
 
 def encoded_examples(images: np.ndarray) -> pd.DataFrame:
@@ -163,8 +173,9 @@ def log_served_model(
 
 def _copy_checkpoint(source: Path, target: Path) -> Path:
     target.mkdir()
-    for name in (CHECKPOINT_FILE, DECISION_FILE):
-        shutil.copy2(source / name, target / name)
+    for name in (CHECKPOINT_FILE, DECISION_FILE, GUARD_FILE):
+        if name != GUARD_FILE or (source / name).exists():  # evaluate fits no guard when evaluate.ood_keep is null
+            shutil.copy2(source / name, target / name)
     return target
 
 

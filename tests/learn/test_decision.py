@@ -86,6 +86,7 @@ def test_served_module_applies_the_same_offsets_as_numpy():
     np.testing.assert_allclose(served, apply_offsets(plain, offsets), atol=1e-6)
     assert Probabilities(classifier, True, torch.tensor(offsets), temperature=1.5).decision() == {
         "tta": True,
+        "tta_views": 8,
         "temperature": 1.5,
         "offsets": [round(float(v), 4) for v in offsets],
     }

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from src.config import ModelParams
-from src.learn.model import ModelError, Probabilities, build_model
+from src.learn.model import ModelError, Probabilities, build_model, dihedral_views
 
 TINY = ModelParams(name="test_vit", pretrained=False, dropout=0.3, drop_path=0.2)
 
@@ -144,3 +144,26 @@ def test_freezing_more_blocks_than_there_are_or_a_non_vit_is_a_clear_error():
     with pytest.raises(ModelError, match="train.freeze_blocks: ResNet is not a ViT"):
         freeze_early(resnet, 1)
     freeze_early(resnet, 0)  # nothing asked, nothing checked
+
+
+def test_each_prefix_of_the_tta_views_is_a_symmetric_set():
+    """The first 2 and the first 4 views are closed under composition, and all 8 are the 8 symmetries of a square."""
+    images = torch.arange(2 * 5 * 5 * 3).reshape(2, 5, 5, 3)
+    key = lambda t: tuple(t.flatten().tolist())  # noqa: E731
+    rotations = [torch.rot90(images, k, dims=(1, 2)) for k in range(4)]
+    assert {key(v) for v in dihedral_views(images)} == {key(v) for v in rotations + [r.flip(2) for r in rotations]}
+    for count in (2, 4):
+        views = {key(v) for v in dihedral_views(images, count)}
+        assert len(views) == count
+        assert all(key(w) in views for v in dihedral_views(images, count) for w in dihedral_views(v, count))
+
+
+def test_tta_over_fewer_views_averages_just_those():
+    torch.manual_seed(0)
+    classifier = build_model(ModelParams(name="vit_tiny_patch16_224", pretrained=False, patch_size=8), 32).eval()
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        two = Probabilities(classifier, tta=True, views=2)(images)
+        expected = torch.stack([classifier(v).softmax(-1) for v in (images, images.flip(2))]).mean(0)
+        assert Probabilities(classifier, tta=False, views=4).views == 1
+    torch.testing.assert_close(two, expected, atol=1e-6, rtol=1e-5)

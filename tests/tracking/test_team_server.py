@@ -9,6 +9,7 @@ import base64
 import pytest
 import requests
 
+from src.config import CLASSES
 from tests.conftest import (
     OFFLINE,
     free_port,
@@ -98,7 +99,8 @@ def test_the_champion_is_served_from_the_team_server(team, tmp_path):
             f"http://127.0.0.1:{port}/invocations", json={"inputs": {"image": [encoded]}}, timeout=60
         )
         assert response.ok, response.text
-        (probabilities,) = response.json()["predictions"]
-        assert len(probabilities) == 7 and sum(probabilities) == pytest.approx(1, abs=1e-5)
+        (answer,) = response.json()["predictions"]  # the probabilities, then the triage flags
+        assert sum(answer[name] for name in CLASSES) == pytest.approx(1, abs=1e-5)
+        assert {"referred", "out_of_distribution", "ood_distance"} <= set(answer)
     finally:
         stop_mlflow_server(server)
