@@ -63,7 +63,7 @@ def split_loader(params: Params, name: str, image_size: int, device: torch.devic
 
 
 def view_logits(classifier: Classifier, params: Params, name: str, image_size: int, device: torch.device):
-    """One pass over a split: the logits of all 8 views (N, 8, classes), the labels and the split."""
+    """One pass over a split: the logits of its TTA views (N, evaluate.tta_views, classes), the labels and the split."""
     split, loader = split_loader(params, name, image_size, device)
     logits, labels = predict(AllViews(classifier, params.evaluate.tta_views), loader, device, softmax=False)
     return logits, labels, split
