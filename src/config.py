@@ -172,6 +172,23 @@ class TrainParams(Section):
     channels_last: bool = False
     compile: bool = False
     seed: int = 42
+    progressive_size: int | None = Field(
+        None,
+        ge=16,
+        description="progressive resizing: the resolution of the early epochs (< data.image_size); null = off",
+    )
+    progressive_final_epochs: int = Field(
+        1, ge=1, description="progressive resizing: how many last epochs train at data.image_size"
+    )
+
+    @model_validator(mode="after")
+    def _final_epochs_leave_early_ones(self) -> TrainParams:
+        if self.progressive_size is not None and self.progressive_final_epochs >= self.epochs:
+            raise ValueError(
+                f"train.progressive_final_epochs ({self.progressive_final_epochs}) must be below train.epochs "
+                f"({self.epochs}) so that some epochs train at train.progressive_size"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mixup_without_class_weights(self) -> TrainParams:
@@ -268,6 +285,16 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
     tune: TuneParams = TuneParams()
+
+    @model_validator(mode="after")
+    def _progressive_below_final_size(self) -> Params:
+        low = self.train.progressive_size
+        if low is not None and low >= self.data.image_size:
+            raise ValueError(
+                f"train.progressive_size ({low}) must be below data.image_size ({self.data.image_size}), the "
+                "resolution of the last epochs; set it lower or to null"
+            )
+        return self
 
 
 def _describe(err: ValidationError, path: Path) -> str:

@@ -65,6 +65,10 @@ def test_unknown_section_is_an_error(tmp_path):
         ("model:\n  stem: conv\n", "model.stem: conv replaces"),
         ("tune:\n  lr: [0.1, 0.001]\n", "lower bound"),
         ("tune:\n  weight_decay: [0.0, 0.1]\n", "log scale"),
+        ("train:\n  progressive_size: 224\n", r"train.progressive_size \(224\) must be below data.image_size"),
+        ("train:\n  progressive_size: 8\n", "train.progressive_size"),
+        ("train:\n  epochs: 3\n  progressive_size: 128\n  progressive_final_epochs: 3\n", "progressive_final_epochs"),
+        ("train:\n  progressive_final_epochs: 0\n", "train.progressive_final_epochs"),
     ],
 )
 def test_bad_values_are_clear_errors(tmp_path, text, needle):

@@ -503,3 +503,28 @@ def test_killed_training_resumes_and_matches_uninterrupted(prepared, tmp_path):
     a = load_checkpoint(slow.paths.models / "best.pt")["model"]
     b = load_checkpoint(tmp_path / "ref_models" / "best.pt")["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_progressive_resizing_keeps_a_model_at_the_final_size_that_evaluate_and_predict_use(prepared, synthetic_raw):
+    """Early epochs at 16 px, the last at data.image_size (32): the kept checkpoint is a plain 32 px model, loaded
+    by load_trained as evaluate and predict load it (evaluate itself is left out to keep this test short)."""
+    params = prepared.model_copy(
+        update={
+            "model": prepared.model.model_copy(update={"patch_size": 8}),  # 2x2 tokens early, 4x4 at the end
+            "train": prepared.train.model_copy(update={"epochs": 3, "progressive_size": 16, "ema_decay": 0.9}),
+        }
+    )
+    train(params)
+    history = pd.read_csv(params.paths.reports / "train_history.csv")
+    assert list(history["train/image_size"]) == [16, 16, 32]
+    best = load_checkpoint(params.paths.models / "best.pt")
+    assert best["epoch"] == 3 and best["config"]["data"]["image_size"] == 32
+    assert best["model"]["backbone.pos_embed"].shape[1] == 1 + 4 * 4
+    mlflow.set_tracking_uri(params.tracking.uri)
+    steps = MlflowClient().get_metric_history(best["mlflow_run_id"], "train/image_size")
+    assert [(m.step, m.value) for m in steps] == [(1, 16), (2, 16), (3, 32)]
+    model, size = load_from_checkpoint(params.paths.models / "best.pt")
+    assert size == 32
+    files = sorted((synthetic_raw / "images").glob("*.jpg"))[:3]
+    _, probs, failures = probabilities(model, files, size)
+    assert not failures and np.allclose(probs.sum(axis=1), 1, atol=1e-5)

@@ -116,6 +116,14 @@ class Schedule:
     total_steps: int
     warmup_steps: int
     step: int = 0
+    # progressive resizing, for the estimate only: the last `final_steps` steps each cost `final_step_cost` early ones
+    final_steps: int = 0
+    final_step_cost: float = 1.0
+
+    @property
+    def planned_cost(self) -> float:
+        """The whole run in early steps' time (all steps when every epoch trains at one size)."""
+        return self.total_steps + self.final_steps * (self.final_step_cost - 1)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
@@ -209,8 +217,17 @@ def eta_steps(loader) -> int:
 def log_estimate(sched: Schedule, seconds_per_step: float, device: torch.device, precision: str = "fp32") -> None:
     """Say early how long the whole run will take, so nobody waits ten hours for a GPU profile on a CPU; name the
     CPU profile's resolution for this CPU (a 224 px step takes 2.7x a 128 px one; bf16 pays for that)."""
-    hours = seconds_per_step * sched.total_steps / 3600
+    hours = seconds_per_step * sched.planned_cost / 3600
     log.info("estimated training time: %.1f h (%.2f s per step, %d steps)", hours, seconds_per_step, sched.total_steps)
+    if sched.final_steps:
+        log.info(
+            "progressive resizing: the last %d steps estimated at %.1fx this step (the pixel ratio); all %d steps at "
+            "the final size would take about %.1f h",
+            sched.final_steps,
+            sched.final_step_cost,
+            sched.total_steps,
+            seconds_per_step * sched.final_step_cost * sched.total_steps / 3600,
+        )
     if device.type == "cpu" and hours > CPU_HOURS_WARNING:
         # bf16 units are not one speed: a 2-core Zen 4 trains 224 px at 0.42 of a Zen 5's rate, over the hour
         size = (
@@ -286,11 +303,14 @@ class FitState:
     def from_checkpoint(cls, ckpt: dict) -> FitState:
         return cls(**ckpt["fit"])
 
-    def record(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Add an epoch's metrics; True when its val/score is the best so far."""
+    def record(self, epoch: int, metrics: dict[str, float], candidate: bool = True) -> bool:
+        """Add an epoch's metrics; True when its val/score is the best so far. An epoch that is no `candidate`
+        (progressive resizing's early epochs, validated at another size) neither improves nor counts as bad."""
+        self.epoch, self.history = epoch, [*self.history, {"epoch": epoch, **metrics}]
+        if not candidate:
+            return False
         score = metrics["val/score"]
         improved = score > self.best_score
-        self.epoch, self.history = epoch, [*self.history, {"epoch": epoch, **metrics}]
         if improved:
             self.best_score, self.best_epoch = score, epoch
         self.bad_epochs = 0 if improved else self.bad_epochs + 1
@@ -304,6 +324,23 @@ class FitState:
             "bad_epochs": self.bad_epochs,
             "history": self.history,
         }
+
+
+@dataclass(frozen=True)
+class Progressive:
+    """Progressive resizing: the first `epochs` epochs train and validate on `loaders`, at `size` px, and the rest
+    on fit's own loaders at `final_size`. Only the final-size epochs are candidates for the kept weights and count
+    for early stopping: evaluate and serving run at the final size, and a score at another size ranks nothing there."""
+
+    loaders: tuple[DataLoader, DataLoader]
+    size: int
+    final_size: int
+    epochs: int
+
+    def plan(self, sched: Schedule, steps_per_epoch: int, total_epochs: int) -> None:
+        """Tell the schedule which steps run at the final size and their cost (tokens grow with the pixels)."""
+        sched.final_steps = steps_per_epoch * (total_epochs - self.epochs)
+        sched.final_step_cost = (self.final_size / self.size) ** 2
 
 
 @dataclass(frozen=True)
@@ -395,7 +432,7 @@ def make_learner(
 
 def _log_epoch(epoch: int, train: TrainParams, metrics: dict[str, float]) -> None:
     log.info(
-        "epoch %d/%d  loss %.4f  val/loss %.4f  val/bacc %.4f%s  %.0f img/s",
+        "epoch %d/%d  loss %.4f  val/loss %.4f  val/bacc %.4f%s  %.0f img/s%s",
         epoch,
         train.epochs,
         metrics["train/loss"],
@@ -403,6 +440,7 @@ def _log_epoch(epoch: int, train: TrainParams, metrics: dict[str, float]) -> Non
         metrics["val/balanced_accuracy"],
         f"  ema {metrics['val_ema/balanced_accuracy']:.4f}" if "val_ema/balanced_accuracy" in metrics else "",
         metrics["train/images_per_s"],
+        f"  at {metrics['train/image_size']:.0f} px" if "train/image_size" in metrics else "",
     )
 
 
@@ -417,10 +455,12 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     class_weight: torch.Tensor | None = None,
     extra: dict | None = None,
+    progressive: Progressive | None = None,
 ) -> FitResult:
     """Train with early stopping on val/score (balanced accuracy, raw or EMA); checkpoint last/best each epoch.
 
     `resume` is a last.pt checkpoint to continue from. `config` and `extra` are recorded in checkpoints.
+    `progressive` gives the loaders of the early epochs at a lower resolution.
     """
     train_loader, val_loader = loaders
     # DDP wraps the (possibly compiled) model: evaluate without it (its forward syncs buffers across ranks, and the
@@ -429,6 +469,9 @@ def fit(
     raw_model = unwrap(model)
     steps_per_epoch = math.ceil(len(train_loader) / train.grad_accum_steps)
     learner = make_learner(raw_model, train, device, steps_per_epoch, class_weight)
+    early_epochs = 0 if progressive is None else progressive.epochs
+    if progressive is not None:
+        progressive.plan(learner.sched, steps_per_epoch, train.epochs)
     state = FitState() if resume is None else learner.restore(raw_model, resume)
     if resume is not None:
         log.info("resuming from epoch %d (best val/score %.4f)", state.epoch, state.best_score)
@@ -439,10 +482,12 @@ def fit(
             stopped_early = True
             break
         seed_everything(train.seed * 1000 + epoch)  # per-epoch seeds make resumed runs identical
+        early = epoch < early_epochs
+        epoch_train, epoch_val = progressive.loaders if early else (train_loader, val_loader)
         start = time.perf_counter()
         metrics = train_one_epoch(
             model,
-            train_loader,
+            epoch_train,
             learner.optimizer,
             learner.loss_fn,
             train,
@@ -452,9 +497,11 @@ def fit(
             ema=learner.ema,
             mixer=learner.mixer,
         )
-        val_metrics, weights = validate(local_model, learner.ema, val_loader, device, precision)
+        val_metrics, weights = validate(local_model, learner.ema, epoch_val, device, precision)
         metrics |= val_metrics | {"epoch_seconds": time.perf_counter() - start}
-        improved = state.record(epoch + 1, metrics)
+        if progressive is not None:
+            metrics["train/image_size"] = progressive.size if early else progressive.final_size
+        improved = state.record(epoch + 1, metrics, candidate=not early)
         _log_epoch(epoch + 1, train, metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)

@@ -146,7 +146,7 @@ class AllViews(nn.Module):
         return self.served.view_logits(images)
 
 
-def _create(params: ModelParams, image_size: int, pretrained: bool) -> nn.Module:
+def _create(params: ModelParams, image_size: int, pretrained: bool, any_size: bool = False) -> nn.Module:
     kwargs: dict = {"num_classes": len(CLASSES), "drop_rate": params.dropout, "drop_path_rate": params.drop_path}
     if params.weights is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(params.weights)}
@@ -154,8 +154,9 @@ def _create(params: ModelParams, image_size: int, pretrained: bool) -> nn.Module
         kwargs["patch_size"] = params.patch_size
     if params.patch_drop > 0:
         kwargs["patch_drop_rate"] = params.patch_drop
+    sized = {"img_size": image_size, **({"dynamic_img_size": True} if any_size else {})}
     try:
-        return timm.create_model(params.name, pretrained=pretrained, img_size=image_size, **kwargs)
+        return timm.create_model(params.name, pretrained=pretrained, **sized, **kwargs)
     except TypeError:  # models without a fixed input size (CNNs) take no img_size
         pass
     try:
@@ -185,9 +186,15 @@ def use_conv_stem(backbone: nn.Module, image_size: int) -> None:
     backbone.patch_embed = HybridEmbed(stem, img_size=image_size, patch_size=1, embed_dim=dim, proj=False, **dynamic)
 
 
-def build_model(params: ModelParams, image_size: int, shades_of_gray_power: float | None = None) -> Classifier:
+def build_model(
+    params: ModelParams, image_size: int, shades_of_gray_power: float | None = None, any_size: bool = False
+) -> Classifier:
     """Create the timm model named in params, with pretrained or local weights when asked, and Shades of Gray colour
-    constancy of that power in front of it (`data.color_constancy`; None: off)."""
+    constancy of that power in front of it (`data.color_constancy`; None: off).
+
+    `any_size` (progressive resizing) builds a ViT that also takes smaller inputs: timm's dynamic_img_size resamples
+    the position embedding to each input's grid in every forward, so the parameters keep their `image_size` shapes
+    (the optimizer, the EMA and checkpoints never see another size) and at `image_size` nothing is resampled."""
     if params.name not in timm.list_models(pretrained=False):
         raise ModelError(f"model.name: unknown timm model {params.name!r} (see timm.list_models())")
     if params.weights is not None and not Path(params.weights).is_file():
@@ -198,7 +205,7 @@ def build_model(params: ModelParams, image_size: int, shades_of_gray_power: floa
             "fetching pretrained weights for %s from the Hugging Face hub (offline? set model.weights)", params.name
         )
     try:
-        backbone = _create(params, image_size, pretrained)
+        backbone = _create(params, image_size, pretrained, any_size)
     except (OSError, RuntimeError, ValueError) as err:
         if not pretrained:
             raise ModelError(f"cannot build {params.name}: {err}") from err
@@ -209,6 +216,11 @@ def build_model(params: ModelParams, image_size: int, shades_of_gray_power: floa
         ) from err
     if params.stem == "conv":
         use_conv_stem(backbone, image_size)
+    if any_size and not getattr(backbone, "dynamic_img_size", False):
+        raise ModelError(
+            f"train.progressive_size: {params.name} cannot take a smaller input than it was built for "
+            "(only timm ViTs with dynamic_img_size can); set train.progressive_size: null"
+        )
     cfg = timm.data.resolve_data_config({}, model=backbone)
     log.info(
         "built %s (%s, %.1fM params)",
@@ -217,6 +229,12 @@ def build_model(params: ModelParams, image_size: int, shades_of_gray_power: floa
         sum(p.numel() for p in backbone.parameters()) / 1e6,
     )
     return Classifier(backbone, tuple(cfg["mean"]), tuple(cfg["std"]), shades_of_gray_power)
+
+
+def token_stride(model: Classifier) -> int:
+    """How many input pixels make one token along a side (the patch size, or the conv stem's total stride)."""
+    embed = model.backbone.patch_embed
+    return embed.img_size[0] // embed.grid_size[0]
 
 
 def freeze_early(model: Classifier, blocks: int) -> None:

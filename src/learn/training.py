@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from src.config import Params
+from src.config import ConfigError, Params
 from src.fileio import read_json, write_json, write_text
 from src.learn import distributed
 from src.learn.checkpoint import LAST_FILE, CheckpointError, load_checkpoint
@@ -29,8 +29,8 @@ from src.learn.data import (
     train_loader,
     train_transform,
 )
-from src.learn.engine import EpochCallback, FitResult, fit, seed_everything, select_device
-from src.learn.model import Classifier, build_model, freeze_early
+from src.learn.engine import EpochCallback, FitResult, Progressive, fit, seed_everything, select_device
+from src.learn.model import Classifier, ModelError, build_model, freeze_early, token_stride
 
 log = logging.getLogger(__name__)
 HISTORY_COLUMNS = (
@@ -44,6 +44,7 @@ HISTORY_COLUMNS = (
     "train/grad_norm",
     "val_ema/balanced_accuracy",
     "val/score",
+    "train/image_size",
     "epoch_seconds",
 )
 
@@ -52,6 +53,7 @@ HISTORY_COLUMNS = (
 class TrainData:
     train: SplitData
     val: SplitData
+    early: TrainData | None = None  # progressive resizing: both splits at train.progressive_size
 
     @property
     def image_size(self) -> int:
@@ -68,15 +70,31 @@ def load_train_data(params: Params, image_size: int | None = None) -> TrainData:
     full = load_split(paths, "train")
     size = image_size or val.dataset.image_size
     frame = subsample_lesions(full.frame, train.train_fraction, train.seed)
-    dataset = CachedImages(
-        full.dataset.cache_file,
-        frame["cache_row"].to_numpy(),
-        frame["label"].to_numpy(),
-        train_transform(train.augment, size),
-    )
+    dataset = augmented(full.dataset, frame, params, size)
     if size != val.dataset.image_size:
         dataset, val = ResizedImages(dataset, size), SplitData(val.frame, ResizedImages(val.dataset, size))
-    return TrainData(SplitData(frame, dataset), val)
+    low = train.progressive_size
+    if low is None:
+        return TrainData(SplitData(frame, dataset), val)
+    if low >= size:  # tune.image_size can set the final size below data.image_size
+        raise ConfigError(f"train.progressive_size ({low}) must be below the training resolution ({size})")
+    # the early epochs crop straight from the cache to the low size, so their augmentation costs what a low-size
+    # profile's does (on a CPU it runs in the training process)
+    early = TrainData(
+        SplitData(frame, augmented(full.dataset, frame, params, low)),
+        SplitData(val.frame, ResizedImages(val.dataset, low)),
+    )
+    return TrainData(SplitData(frame, dataset), val, early)
+
+
+def augmented(cache: CachedImages, frame: pd.DataFrame, params: Params, size: int) -> CachedImages:
+    """The frame's rows of the cache with the training augmentation, cropped to `size`."""
+    return CachedImages(
+        cache.cache_file,
+        frame["cache_row"].to_numpy(),
+        frame["label"].to_numpy(),
+        train_transform(params.train.augment, size),
+    )
 
 
 def run_config(params: Params, image_size: int) -> dict:
@@ -143,22 +161,27 @@ def run_training(
     """Build the model and fit it; the shared core of the train stage and of every tuning trial."""
     device = configure_threads(params)
     seed_everything(params.train.seed)
-    model = build_model(params.model, data.image_size, params.data.shades_of_gray_power).to(device)
+    any_size = data.early is not None
+    model = build_model(params.model, data.image_size, params.data.shades_of_gray_power, any_size).to(device)
     freeze_early(model, params.train.freeze_blocks)
     if params.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     runner = make_runner(model, params, device)
-    val_part = Subset(data.val.dataset, distributed.shard(len(data.val.dataset)).tolist())
-    loaders = (
-        train_loader(data.train, params.train, device, distributed.rank(), distributed.world_size()),
-        make_loader(val_part, params.evaluate.batch_size, device, params.train.num_workers),
-    )
+    progressive = None
+    if data.early is not None:
+        progressive = Progressive(
+            make_loaders(data.early, params, device),
+            data.early.image_size,
+            data.image_size,
+            params.train.epochs - params.train.progressive_final_epochs,
+        )
+        check_token_grid(model, progressive.size)
     weight = None
     if params.train.class_weights != "none":
         weight = torch.tensor(class_weights(data.train.dataset.labels, params.train.class_weights), dtype=torch.float32)
     result = fit(
         runner,
-        loaders,
+        make_loaders(data, params, device),
         params.train,
         device,
         checkpoint_dir=checkpoint_dir,
@@ -167,8 +190,28 @@ def run_training(
         on_epoch_end=on_epoch_end,
         class_weight=weight,
         extra=extra,
+        progressive=progressive,
     )
     return model, result
+
+
+def make_loaders(data: TrainData, params: Params, device: torch.device) -> tuple:
+    """The train loader (this rank's part of each batch) and this rank's part of val."""
+    val_part = Subset(data.val.dataset, distributed.shard(len(data.val.dataset)).tolist())
+    return (
+        train_loader(data.train, params.train, device, distributed.rank(), distributed.world_size()),
+        make_loader(val_part, params.evaluate.batch_size, device, params.train.num_workers),
+    )
+
+
+def check_token_grid(model: Classifier, size: int) -> None:
+    """A progressive size must make whole tokens: a ViT's patch embedding would silently drop the remainder."""
+    stride = token_stride(model)
+    if size % stride:
+        raise ModelError(
+            f"train.progressive_size ({size}) must be a multiple of the model's patch size ({stride}), "
+            f"e.g. {max(stride, size // stride * stride)}"
+        )
 
 
 def write_reports(result: FitResult, reports: Path) -> None:

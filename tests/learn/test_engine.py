@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from src.config import ModelParams, TrainParams
 from src.learn.checkpoint import load_checkpoint
 from src.learn.engine import (
+    Progressive,
     Schedule,
     clip_gradients,
     eta_steps,
@@ -230,3 +231,54 @@ def test_the_estimate_times_past_what_loader_workers_prefetched():
     assert eta_steps(DataLoader(data)) == 5
     assert eta_steps(DataLoader(data, num_workers=2, prefetch_factor=4)) == 16  # 8 batches ready, twice over
     assert eta_steps([]) == 5  # a plain iterable of batches
+
+
+def _downscaled(loader: DataLoader, size: int) -> DataLoader:
+    images, labels = loader.dataset.tensors
+    small = torch.nn.functional.interpolate(
+        images.permute(0, 3, 1, 2).float(), size=size, antialias=True, mode="bilinear"
+    )
+    data = TensorDataset(small.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(), labels)
+    return DataLoader(data, batch_size=loader.batch_size, shuffle=loader.batch_size == 16, drop_last=loader.drop_last)
+
+
+def _fit_progressive(tmp_path, name, train, resume=None, on_epoch_end=None):
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="test_vit", pretrained=False, patch_size=8), 32, any_size=True)
+    loaders = _toy_loaders()
+    early = Progressive(tuple(_downscaled(loader, 16) for loader in loaders), 16, 32, epochs=2)
+    result = fit(
+        model, loaders, train, CPU, tmp_path / name, resume=resume, on_epoch_end=on_epoch_end, progressive=early
+    )
+    return model, result
+
+
+def test_progressive_resizing_keeps_a_final_size_epoch_and_resumes_in_the_final_phase(tmp_path):
+    train = TrainParams(epochs=4, lr=0.003, warmup_epochs=0.5, ema_decay=0.9, early_stopping_patience=1)
+    saved = {}
+
+    def keep_epoch_3(epoch, metrics):  # called before the epoch's own checkpoint: last.pt holds the one before
+        if epoch == 4:
+            saved["resume"] = load_checkpoint(tmp_path / "ref" / "last.pt")
+
+    _, reference = _fit_progressive(tmp_path, "ref", train, on_epoch_end=keep_epoch_3)
+    # early stopping and the kept weights consider only the epochs validated at the final size
+    assert [h["train/image_size"] for h in reference.history] == [16, 16, 32, 32]
+    assert reference.best_epoch in (3, 4) and not reference.stopped_early
+    best, last = load_checkpoint(tmp_path / "ref" / "best.pt"), load_checkpoint(tmp_path / "ref" / "last.pt")
+    assert best["epoch"] == reference.best_epoch
+    assert best["model"]["backbone.pos_embed"].shape[1] == 1 + (32 // 8) ** 2  # the grid of the final size
+    assert saved["resume"]["epoch"] == 3  # a run killed in the final phase
+    _, resumed = _fit_progressive(tmp_path, "cut", train, resume=saved["resume"])
+    final = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert [h["train/image_size"] for h in resumed.history] == [16, 16, 32, 32]
+    for key in ("model", "ema"):
+        assert all(torch.allclose(final[key][k], last[key][k], atol=1e-6) for k in last[key])
+
+
+def test_the_estimate_of_a_progressive_run_prices_its_final_size_steps(caplog):
+    sched = Schedule(total_steps=100, warmup_steps=0, final_steps=20, final_step_cost=4.0)
+    with caplog.at_level("INFO", logger="src.learn.engine"):
+        log_estimate(sched, 36.0, CPU)
+    assert "estimated training time: 1.6 h" in caplog.text  # 80 steps + 20 steps at 4x
+    assert "all 100 steps at the final size would take about 4.0 h" in caplog.text

@@ -167,3 +167,18 @@ def test_tta_over_fewer_views_averages_just_those():
         expected = torch.stack([classifier(v).softmax(-1) for v in (images, images.flip(2))]).mean(0)
         assert Probabilities(classifier, tta=False, views=4).views == 1
     torch.testing.assert_close(two, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_any_size_lets_a_vit_take_smaller_inputs_with_its_parameters_at_the_built_size():
+    params = ModelParams(name="vit_tiny_patch16_224", pretrained=False)
+    fixed, model = build_model(params, 64), build_model(params, 64, any_size=True)
+    assert not fixed.backbone.dynamic_img_size and model.backbone.dynamic_img_size
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in fixed.state_dict().items()}
+    assert model(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)).shape == (2, 7)
+    conv = build_model(TINY.model_copy(update={"stem": "conv"}), 32, any_size=True)
+    assert conv(torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)).shape == (2, 7)
+
+
+def test_any_size_on_a_model_that_cannot_take_it_is_a_clear_error():
+    with pytest.raises(ModelError, match="train.progressive_size"):
+        build_model(TINY.model_copy(update={"name": "test_resnet"}), 64, any_size=True)
