@@ -337,10 +337,16 @@ class Progressive:
     final_size: int
     epochs: int
 
-    def plan(self, sched: Schedule, steps_per_epoch: int, total_epochs: int) -> None:
-        """Tell the schedule which steps run at the final size and their cost (tokens grow with the pixels)."""
+    def image_size(self, early: bool) -> dict[str, float]:
+        """The epoch's resolution, as a metric."""
+        return {"train/image_size": self.size if early else self.final_size}
+
+    def plan(self, sched: Schedule, steps_per_epoch: int, total_epochs: int) -> int:
+        """Tell the schedule which steps run at the final size and their cost (tokens grow with the pixels); the
+        number of early epochs."""
         sched.final_steps = steps_per_epoch * (total_epochs - self.epochs)
         sched.final_step_cost = (self.final_size / self.size) ** 2
+        return self.epochs
 
 
 @dataclass(frozen=True)
@@ -396,7 +402,9 @@ class Learner:
         self.sched.step = resume["scheduler"]["step"]
         if self.ema is not None:
             self.ema.module.load_state_dict(resume["ema"])
-        return FitState.from_checkpoint(resume)
+        state = FitState.from_checkpoint(resume)
+        log.info("resuming from epoch %d (best val/score %.4f)", state.epoch, state.best_score)
+        return state
 
     def checkpoints(self, model: nn.Module, weights: str, base: dict, state: FitState) -> tuple[dict, dict]:
         """(best, last) checkpoint dicts: best holds the weights that scored, last everything to resume."""
@@ -444,6 +452,13 @@ def _log_epoch(epoch: int, train: TrainParams, metrics: dict[str, float]) -> Non
     )
 
 
+def save_epoch(checkpoint_dir: Path, best: dict, last: dict, improved: bool) -> None:
+    """last.pt after every epoch (what a stopped run resumes from), best.pt when the epoch is the best so far."""
+    if improved:
+        save_checkpoint(checkpoint_dir / "best.pt", best)
+    save_checkpoint(checkpoint_dir / LAST_FILE, last)
+
+
 def fit(
     model: nn.Module,
     loaders: tuple[DataLoader, DataLoader],
@@ -462,19 +477,14 @@ def fit(
     `resume` is a last.pt checkpoint to continue from. `config` and `extra` are recorded in checkpoints.
     `progressive` gives the loaders of the early epochs at a lower resolution.
     """
-    train_loader, val_loader = loaders
     # DDP wraps the (possibly compiled) model: evaluate without it (its forward syncs buffers across ranks, and the
     # ranks' val parts may differ by a batch); torch.compile wraps the plain module, which checkpoints save
     local_model = model.module if isinstance(model, DistributedDataParallel) else model
     raw_model = unwrap(model)
-    steps_per_epoch = math.ceil(len(train_loader) / train.grad_accum_steps)
+    steps_per_epoch = math.ceil(len(loaders[0]) / train.grad_accum_steps)
     learner = make_learner(raw_model, train, device, steps_per_epoch, class_weight)
-    early_epochs = 0 if progressive is None else progressive.epochs
-    if progressive is not None:
-        progressive.plan(learner.sched, steps_per_epoch, train.epochs)
+    early_epochs = 0 if progressive is None else progressive.plan(learner.sched, steps_per_epoch, train.epochs)
     state = FitState() if resume is None else learner.restore(raw_model, resume)
-    if resume is not None:
-        log.info("resuming from epoch %d (best val/score %.4f)", state.epoch, state.best_score)
     precision = resolve_precision(train.precision, device)  # validation's too: it only ranks epochs
     stopped_early = False
     for epoch in range(state.epoch, train.epochs):
@@ -483,7 +493,7 @@ def fit(
             break
         seed_everything(train.seed * 1000 + epoch)  # per-epoch seeds make resumed runs identical
         early = epoch < early_epochs
-        epoch_train, epoch_val = progressive.loaders if early else (train_loader, val_loader)
+        epoch_train, epoch_val = progressive.loaders if early else loaders
         start = time.perf_counter()
         metrics = train_one_epoch(
             model,
@@ -499,17 +509,13 @@ def fit(
         )
         val_metrics, weights = validate(local_model, learner.ema, epoch_val, device, precision)
         metrics |= val_metrics | {"epoch_seconds": time.perf_counter() - start}
-        if progressive is not None:
-            metrics["train/image_size"] = progressive.size if early else progressive.final_size
+        metrics |= {} if progressive is None else progressive.image_size(early)
         improved = state.record(epoch + 1, metrics, candidate=not early)
         _log_epoch(epoch + 1, train, metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
         if checkpoint_dir is not None:
             base = {"config": config or {}, "metrics": metrics, "epoch": epoch + 1, **(extra or {})}
-            best, last = learner.checkpoints(raw_model, weights, base, state)
-            if improved:
-                save_checkpoint(checkpoint_dir / "best.pt", best)
-            save_checkpoint(checkpoint_dir / LAST_FILE, last)
+            save_epoch(checkpoint_dir, *learner.checkpoints(raw_model, weights, base, state), improved)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     return FitResult(best, state.history, state.best_epoch, stopped_early)
