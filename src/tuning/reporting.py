@@ -22,7 +22,8 @@ from src.tuning.study import CREATED_ATTR, FINISHED, PARENT_RUN_ATTR, RUN_ATTR, 
 from src.tuning.trial import EPOCH_SECONDS_ATTR, METRIC, STATE_TAG
 
 log = logging.getLogger(__name__)
-PARENT_WAIT_S = 60  # how long after creating a study its creator has to record the MLflow parent run
+PARENT_WAIT_S = 300  # how long after creating a study its creator has to record the MLflow parent run (under load
+# its first MLflow store setup took over 60 s once, and a worker that stopped waiting nested its trials elsewhere)
 
 
 def progress(total: int) -> Callable[[optuna.Study, FrozenTrial], None]:
