@@ -6,6 +6,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from timm.layers import HybridEmbed
@@ -135,15 +136,22 @@ class Probabilities(nn.Module):
 
 
 class AllViews(nn.Module):
-    """The logits of the first `views` dihedral views, (N, views, classes): evaluate's one pass over a split, from
-    which the plain, TTA, calibrated and corrected probabilities all follow (view 0 is the image as it is)."""
+    """Evaluate's one pass over a split: the logits of the first `views` dihedral views, from which the plain, TTA,
+    calibrated and corrected probabilities all follow, and the pooled features of view 0 (the image as it is), which
+    the OOD guard measures. One (N, views * classes + features) tensor, as engine.predict collects; `split` parts it."""
 
     def __init__(self, classifier: Classifier, views: int = 8):
         super().__init__()
         self.served = Probabilities(classifier, tta=True, views=views)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.served.view_logits(images)
+        logits, features = self.served.view_outputs(images)
+        return torch.cat([logits.flatten(1), features], dim=1)
+
+    def split(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(view logits (N, views, classes), pooled features (N, features)) of forward's output."""
+        n = self.served.views * len(CLASSES)
+        return out[:, :n].reshape(len(out), self.served.views, len(CLASSES)), out[:, n:]
 
 
 def _create(params: ModelParams, image_size: int, pretrained: bool, any_size: bool = False) -> nn.Module:

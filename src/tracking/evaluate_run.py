@@ -4,6 +4,7 @@ and the served model logged and registered in MLflow."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -62,11 +63,22 @@ def split_loader(params: Params, name: str, image_size: int, device: torch.devic
     return split, make_loader(split.dataset, params.evaluate.batch_size, device, params.train.num_workers)
 
 
-def view_logits(classifier: Classifier, params: Params, name: str, image_size: int, device: torch.device):
-    """One pass over a split: the logits of its TTA views (N, evaluate.tta_views, classes), the labels and the split."""
+@dataclass
+class SplitPass:
+    """What evaluate's one pass over a split gives: the logits of its TTA views (N, evaluate.tta_views, classes), the
+    pooled features of view 0 (the OOD guard's input), the labels, and the split."""
+
+    logits: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    split: SplitData
+
+
+def split_pass(classifier: Classifier, params: Params, name: str, image_size: int, device: torch.device) -> SplitPass:
     split, loader = split_loader(params, name, image_size, device)
-    logits, labels = predict(AllViews(classifier, params.evaluate.tta_views), loader, device, softmax=False)
-    return logits, labels, split
+    views = AllViews(classifier, params.evaluate.tta_views)
+    out, labels = predict(views, loader, device, softmax=False)
+    return SplitPass(*views.split(out), labels, split)
 
 
 class PooledFeatures(torch.nn.Module):
@@ -92,19 +104,18 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nd
     return np.sort(np.concatenate(picks))
 
 
-def guard_features(classifier: Classifier, params: Params, image_size: int, device: torch.device) -> dict:
+def guard_features(
+    classifier: Classifier, params: Params, image_size: int, device: torch.device, passes: dict[str, SplitPass]
+) -> dict:
     """(pooled features, labels) of the image as it is, for the OOD guard (none when it is off): a per-class subset
-    of train, and val and test whole; one view each."""
+    of train, one view each, and val and test whole from their passes (view 0 is the image as it is)."""
     if params.evaluate.ood_keep is None:
         return {}
-    features = {}
-    for name in ("train", "val", "test"):
-        split, loader = split_loader(params, name, image_size, device)
-        if name == "train":
-            subset = Subset(split.dataset, per_class_subset(split.dataset.labels, GUARD_TRAIN_PER_CLASS))
-            loader = make_loader(subset, params.evaluate.batch_size, device, params.train.num_workers)
-        features[name] = predict(PooledFeatures(classifier), loader, device, softmax=False)
-    return features
+    split = load_split(params.paths, "train")
+    subset = Subset(split.dataset, per_class_subset(split.dataset.labels, GUARD_TRAIN_PER_CLASS))
+    loader = make_loader(subset, params.evaluate.batch_size, device, params.train.num_workers)
+    features = {"train": predict(PooledFeatures(classifier), loader, device, softmax=False)}
+    return features | {name: (passes[name].features, passes[name].labels) for name in ("val", "test")}
 
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray, calibrate: bool | str) -> tuple[float, float, dict]:
@@ -122,13 +133,11 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, calibrate: bool |
     return fitted, temperature, calibration
 
 
-def fit_decision(
-    classifier: Classifier, params: Params, image_size: int, device: torch.device
-) -> tuple[Probabilities, dict[str, float]]:
+def fit_decision(classifier: Classifier, params: Params, val: SplitPass) -> tuple[Probabilities, dict[str, float]]:
     """The served model, fitted on the val split: TTA when asked (or, for `auto`, when it helps on val), the
     temperature (when `evaluate.calibrate`), then the prior correction; with metrics (decision/) that say what
     each part did on val."""
-    logits, labels, split = view_logits(classifier, params, "val", image_size, device)
+    logits, labels, split = val.logits, val.labels, val.split
     bacc = {
         "plain": balanced_accuracy(labels, served_probs(logits[:, :1])),
         "tta": balanced_accuracy(labels, served_probs(logits)),
@@ -200,11 +209,11 @@ def served_metrics(labels: np.ndarray, probs: np.ndarray, frame: pd.DataFrame, p
     return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
-def split_metrics(served: Probabilities, params: Params, name: str, image_size: int, device: torch.device) -> dict:
-    """Metrics, predictions CSV and plots for one split with the served decision, from one pass over its 8 views;
+def split_metrics(served: Probabilities, params: Params, name: str, one: SplitPass) -> dict:
+    """Metrics, predictions CSV and plots for one split with the served decision, from its pass over its views;
     returns metrics under the split's prefix, with balanced accuracy without the prior correction and without
     TTA, and calibration (ECE, Brier) with and without the temperature."""
-    logits, labels, split = view_logits(served.classifier, params, name, image_size, device)
+    logits, labels, split = one.logits, one.labels, one.split
     served_logits = logits if served.tta else logits[:, :1]
     temperature, offsets = float(served.temperature), served.offsets.cpu().numpy()
     probs = served_probs(served_logits, temperature, offsets)
@@ -334,11 +343,13 @@ def evaluate(params: Params) -> dict[str, float]:
     device = select_device(params.train.device)
     classifier, ckpt = load_trained(trained_checkpoint(params.paths.models))
     image_size = ckpt["config"]["data"]["image_size"]
-    served, metrics = fit_decision(classifier.to(device), params, image_size, device)
+    classifier = classifier.to(device)
     splits = ["test"] + ([ISIC_TEST] if (params.paths.splits / f"{ISIC_TEST}.csv").exists() else [])
+    passes = {name: split_pass(classifier, params, name, image_size, device) for name in ["val", *splits]}
+    served, metrics = fit_decision(classifier, params, passes["val"])
     for name in splits:
-        metrics |= split_metrics(served, params, name, image_size, device)
-    features = guard_features(served.classifier, params, image_size, device)
+        metrics |= split_metrics(served, params, name, passes[name])
+    features = guard_features(classifier, params, image_size, device, passes)
     triage = fit_triage(served, params, features)
     metrics |= triage_report(triage, params, features, image_size, device)
     save_decision(params.paths.models, triage, ckpt)

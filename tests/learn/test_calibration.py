@@ -44,13 +44,16 @@ def test_an_overconfident_model_gets_a_temperature_above_one_and_a_lower_ece():
     np.testing.assert_array_equal(served_probs(logits).argmax(1), served_probs(logits, temperature).argmax(1))
 
 
-def test_the_served_module_and_evaluates_formula_agree():
+def test_the_served_module_and_evaluates_formula_agree_and_its_pass_gives_the_guards_features():
     torch.manual_seed(0)
     classifier = build_model(ModelParams(name="test_vit", pretrained=False), 32).eval()
     images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
     offsets = torch.tensor([0.0, 0.3, -0.2, 0.0, 0.5, -1.0, 0.1])
     with torch.inference_mode():
-        views = AllViews(classifier)(images).numpy()
+        all_views = AllViews(classifier)
+        views, features = all_views.split(all_views(images).numpy())
+        # view 0's pooled features, which the OOD guard measures, are the image's own from the same pass
+        np.testing.assert_array_equal(features, classifier.features(images).numpy())
         for tta in (False, True):
             served = Probabilities(classifier, tta, offsets, temperature=1.7)(images).numpy()
             np.testing.assert_allclose(
