@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from src.config import ModelParams, TrainParams
 from src.learn.engine import Schedule, fit, make_optimizer, predict, train_one_epoch
 from src.learn.model import build_model
-from src.learn.precision import compute_description, cpu_features, resolve_precision
+from src.learn.precision import autocast, compute_description, cpu_features, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -70,3 +72,35 @@ def test_training_validates_in_its_own_precision_and_predict_stays_fp32_by_defau
     seen.clear()
     predict(model, loader, CPU)  # evaluate's default: what the fp32 export serves
     assert {dtype for _, dtype in seen} == {torch.float32}
+
+
+class SdpaInputs(TorchFunctionMode):
+    """Records the dtype scaled_dot_product_attention is called with, beneath the modes entered after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_bf16_cpu_step_trains_attention_in_fp32_and_infers_it_in_bf16():
+    # the CPU's bf16 flash-attention backward is slow (docs/speed.md); its forward is not
+    torch.manual_seed(0)
+    model = build_model(ModelParams(name="test_vit", pretrained=False), 32).eval()  # no dropout: same logits twice
+    images, labels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), torch.arange(4)
+    with SdpaInputs() as trained, autocast(CPU, "bf16"):
+        logits = model(images)
+    nn.CrossEntropyLoss()(logits, labels).backward()
+    assert trained.dtypes and set(trained.dtypes) == {torch.float32} and logits.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with SdpaInputs() as inferred, torch.no_grad(), autocast(CPU, "bf16"):
+        served = model(images)
+    assert set(inferred.dtypes) == {torch.bfloat16}
+    torch.testing.assert_close(served.float(), logits.detach().float(), atol=0.05, rtol=0.05)
+    with SdpaInputs() as plain, autocast(CPU, "fp32"):
+        model(images)
+    assert set(plain.dtypes) == {torch.float32}
