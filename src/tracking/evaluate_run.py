@@ -104,9 +104,7 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nd
     return np.sort(np.concatenate(picks))
 
 
-def guard_features(
-    classifier: Classifier, params: Params, image_size: int, device: torch.device, passes: dict[str, SplitPass]
-) -> dict:
+def guard_features(classifier: Classifier, params: Params, device: torch.device, passes: dict[str, SplitPass]) -> dict:
     """(pooled features, labels) of the image as it is, for the OOD guard (none when it is off): a per-class subset
     of train, one view each, and val and test whole from their passes (view 0 is the image as it is)."""
     if params.evaluate.ood_keep is None:
@@ -349,7 +347,7 @@ def evaluate(params: Params) -> dict[str, float]:
     served, metrics = fit_decision(classifier, params, passes["val"])
     for name in splits:
         metrics |= split_metrics(served, params, name, passes[name])
-    features = guard_features(classifier, params, image_size, device, passes)
+    features = guard_features(classifier, params, device, passes)
     triage = fit_triage(served, params, features)
     metrics |= triage_report(triage, params, features, image_size, device)
     save_decision(params.paths.models, triage, ckpt)
