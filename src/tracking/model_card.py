@@ -16,6 +16,7 @@ from src.fileio import read_json, write_text
 from src.learn.inference import DECISION_FILE
 from src.prepare.index import SPLITS, read_split
 from src.tracking import runs as tracking
+from src.tracking.triage_report import guard_misses_probes
 
 log = logging.getLogger(__name__)
 CARD_FILE = "model_card.md"
@@ -198,12 +199,14 @@ def guard_line(m: dict) -> str:
     """The OOD guard and its rates."""
     if "ood/threshold" not in m:
         return "- Out-of-distribution guard: none (`evaluate.ood_keep` is null)."
+    weak = " It lets too many of them through: do not rely on its flag for this model."
+    weak = weak if guard_misses_probes(m) else ""
     return (
         f"- Out-of-distribution guard: Mahalanobis distance of the pooled features to the nearest class above "
         f"{number(m['ood/threshold'], 2)} flags the input; it flags {100 * m['ood/val_flagged']:.1f}% of val, "
         f"{100 * m['ood/test_flagged']:.1f}% of test, {100 * m['ood/photos_flagged']:.0f}% of the non-dermoscopy "
         f"photographs and {100 * m['ood/generated_flagged']:.0f}% of the generated screenshots, text and flat colours "
-        "(reports/ood.csv)."
+        f"(reports/ood.csv).{weak}"
     )
 
 

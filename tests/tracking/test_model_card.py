@@ -10,7 +10,7 @@ import pandas as pd
 
 from src.config import CLASSES, Params
 from src.learn.subgroups import subgroup_table
-from src.tracking.model_card import RunFacts, model_card
+from src.tracking.model_card import RunFacts, guard_line, model_card
 from src.tracking.registry import fit_description
 
 
@@ -123,3 +123,12 @@ def test_a_long_card_is_cut_to_fit_the_registry_by_its_longest_sections():
     assert "left out: Results by subgroup (test)); the full text is model_card.md in run run42" in cut
     assert len(fit_description(card, "there", limit=300)) <= 300
     assert fit_description(card * 2, "there", limit=None) == card * 2  # SQLite: no limit to fit
+
+
+def test_the_card_says_when_the_guard_lets_the_probe_images_through():
+    # a from-scratch ViT-Tiny's guard flagged 0 of 16 photographs on HAM10000: its flag must not be read as a check
+    guard = {"ood/threshold": 20.0, "ood/val_flagged": 0.05, "ood/test_flagged": 0.05, "ood/generated_flagged": 1.0}
+    strong = guard_line(guard | {"ood/photos_flagged": 1.0})
+    weak = guard_line(guard | {"ood/photos_flagged": 0.0})
+    assert "0% of the non-dermoscopy photographs" in weak and "do not rely on its flag" in weak
+    assert "100% of the non-dermoscopy photographs" in strong and "do not rely" not in strong
