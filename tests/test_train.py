@@ -28,7 +28,8 @@ from src.compare import main as compare_main
 from src.config import CLASSES
 from src.fileio import write_json
 from src.ingest.download import SOURCE_FILE
-from src.ingest.rawdata import DataError
+from src.ingest.rawdata import ISIC_TEST, DataError
+from src.ingest.synthetic import make_dataset
 from src.learn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from src.learn.explain import check_explainable
 from src.learn.inference import (
@@ -64,15 +65,18 @@ def prepared(tiny_params, synthetic_raw):
 @pytest.fixture(scope="module")
 def trained(synthetic_raw, tmp_path_factory):
     """One training run shared by the tests that only read its results, with colour constancy on so that every path
-    that serves the model must apply it."""
-    params = make_tiny_params(tmp_path_factory.mktemp("trained"))
+    that serves the model must apply it, and an ISIC 2018 test set beside HAM10000 for evaluate to score."""
+    root = tmp_path_factory.mktemp("trained")
+    raw = shutil.copytree(synthetic_raw, root / "raw")
+    make_dataset(raw / ISIC_TEST, n_lesions=10, seed=9, duplicates=0)
+    params = make_tiny_params(root)
     params = params.model_copy(
         update={
-            "paths": params.paths.model_copy(update={"raw": synthetic_raw}),
+            "paths": params.paths.model_copy(update={"raw": raw}),
             "data": params.data.model_copy(update={"color_constancy": "shades_of_gray"}),
         }
     )
-    split(synthetic_raw, params.split, params.data, params.paths)
+    split(raw, params.split, params.data, params.paths)
     return params, train(params)
 
 
@@ -170,11 +174,15 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     for row, keys in (
         (
             "balanced accuracy",
-            [f"{p}/balanced_accuracy{k}" for p in ("val_served", "test") for k in ("", "_ci_low", "_ci_high")],
+            [
+                f"{p}/balanced_accuracy{k}"
+                for p in ("val_served", "test", ISIC_TEST)
+                for k in ("", "_ci_low", "_ci_high")
+            ],
         ),
-        ("macro ROC AUC", ["val_served/macro_roc_auc", "test/macro_roc_auc"]),
-        ("melanoma sensitivity", ["val_served/melanoma_sensitivity", "test/melanoma_sensitivity"]),
-    ):
+        ("macro ROC AUC", [f"{p}/macro_roc_auc" for p in ("val_served", "test", ISIC_TEST)]),
+        ("melanoma sensitivity", [f"{p}/melanoma_sensitivity" for p in ("val_served", "test", ISIC_TEST)]),
+    ):  # the ISIC 2018 test set (other clinics and devices) in a column of its own
         line = next(line for line in card.splitlines() if line.startswith(f"| {row} |"))
         assert [float(x) for x in re.findall(r"\d+\.\d+", line)] == pytest.approx([reported[k] for k in keys], abs=5e-5)
     assert f"clean {reported['shift/test/clean']:.4f}, mean over shifts {reported['shift/test/score']:.4f}" in card
@@ -186,7 +194,11 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     assert champion.description == card and card.startswith(f"# Model card: {name} version 1\n")  # the registry page
     run_id = champion.tags["run_id"]
     assert {"model_card.md", "evaluation"} <= {a.path for a in client.list_artifacts(run_id)}
-    assert {"evaluation/subgroups.csv", "evaluation/subgroups_val.csv"} <= {
+    assert (
+        f"| {ISIC_TEST} | {reported[f'{ISIC_TEST}/images']} | 10 |" in card
+        and f", on the ISIC 2018 test set {100 * reported[f'referral/{ISIC_TEST}/coverage']:.1f}% at" in card
+    )
+    assert {"evaluation/subgroups.csv", "evaluation/subgroups_val.csv", f"evaluation/predictions_{ISIC_TEST}.csv"} <= {
         a.path for a in client.list_artifacts(run_id, "evaluation")
     }
     assert str(champion.version) == "1" and champion.tags["promotion"].startswith("first model")
@@ -261,7 +273,8 @@ def test_evaluate_fits_the_referral_rule_and_the_guard_on_val(evaluated):
     reports = params.paths.reports
     decision = json.loads((params.paths.models / "decision.json").read_text())
     assert decision["referral_threshold"] == pytest.approx(metrics["referral/threshold"], abs=1e-6)
-    for name, suffix in (("val", "_val"), ("test", "")):  # coverage is the share of rows the CSV marks decided
+    splits = (("val", "_val"), ("test", ""), (ISIC_TEST, f"_{ISIC_TEST}"))
+    for name, suffix in splits:  # coverage is the share of rows the CSV marks decided
         rows = pd.read_csv(reports / f"predictions{suffix}.csv")
         decided = rows[list(CLASSES)].max(axis=1) >= metrics["referral/threshold"]
         assert (~rows["referred"]).tolist() == decided.tolist()
@@ -269,8 +282,10 @@ def test_evaluate_fits_the_referral_rule_and_the_guard_on_val(evaluated):
         assert metrics[f"ood/{name}_flagged"] == pytest.approx(rows["out_of_distribution"].mean())
         assert (rows["out_of_distribution"] == (rows["ood_distance"] > metrics["ood/threshold"])).all()
     assert metrics["ood/val_flagged"] <= 1 - params.evaluate.ood_keep  # the threshold keeps 95% of val
+    isic = pd.read_csv(reports / f"predictions_{ISIC_TEST}.csv")  # every image of its 10 lesions, scored
+    assert metrics[f"{ISIC_TEST}/images"] == len(isic) and isic["lesion_id"].nunique() == 10
     curve = pd.read_csv(reports / "risk_coverage.csv")
-    assert set(curve["split"]) == {"val", "test"} and curve["coverage"].between(0, 1).all()
+    assert set(curve["split"]) == {"val", "test", ISIC_TEST} and curve["coverage"].between(0, 1).all()
     probes = pd.read_csv(reports / "ood.csv").set_index("name")
     assert {"sklearn_china", "skimage_astronaut", "screenshot", "flat_white"} <= set(probes.index)
     photos = probes[probes["kind"] == "photo"]

@@ -33,7 +33,7 @@ from src.tracking.models import load_from_mlflow
 from src.tracking.plots import confusion_png, explanation_gallery_png, reliability_png, roc_png
 from src.tracking.shift_report import shift_report
 from src.tracking.subgroup_report import subgroup_report
-from src.tracking.triage_report import fit_triage, triage_report
+from src.tracking.triage_report import fit_triage, predictions_file, triage_report
 
 log = logging.getLogger(__name__)
 ISIC_TEST = "isic2018_test"
@@ -106,14 +106,14 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nd
 
 def guard_features(classifier: Classifier, params: Params, device: torch.device, passes: dict[str, SplitPass]) -> dict:
     """(pooled features, labels) of the image as it is, for the OOD guard (none when it is off): a per-class subset
-    of train, one view each, and val and test whole from their passes (view 0 is the image as it is)."""
+    of train, one view each, and the evaluated splits whole from their passes (view 0 is the image as it is)."""
     if params.evaluate.ood_keep is None:
         return {}
     split = load_split(params.paths, "train")
     subset = Subset(split.dataset, per_class_subset(split.dataset.labels, GUARD_TRAIN_PER_CLASS))
     loader = make_loader(subset, params.evaluate.batch_size, device, params.train.num_workers)
     features = {"train": predict(PooledFeatures(classifier), loader, device, softmax=False)}
-    return features | {name: (passes[name].features, passes[name].labels) for name in ("val", "test")}
+    return features | {name: (one.features, one.labels) for name, one in passes.items()}
 
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray, calibrate: bool | str) -> tuple[float, float, dict]:
@@ -349,7 +349,7 @@ def evaluate(params: Params) -> dict[str, float]:
         metrics |= split_metrics(served, params, name, passes[name])
     features = guard_features(classifier, params, device, passes)
     triage = fit_triage(served, params, features)
-    metrics |= triage_report(triage, params, features, image_size, device)
+    metrics |= triage_report(triage, params, features, list(passes), image_size, device)
     save_decision(params.paths.models, triage, ckpt)
     for name in ("val", "test"):  # the served probabilities just written to reports/predictions*.csv, per subgroup
         metrics |= subgroup_report(params, name)
@@ -367,6 +367,8 @@ def evaluate(params: Params) -> dict[str, float]:
             tracking.log_artifact(png, "evaluation")
         for table in ("evaluate.json", "confusions.csv", "calibration.csv", "predictions.csv", "predictions_val.csv"):
             tracking.log_artifact(params.paths.reports / table, "evaluation")
+        for name in splits[1:]:  # the ISIC 2018 test set's, with its triage flags
+            tracking.log_artifact(predictions_file(params, name), "evaluation")
         for table in ("risk_coverage.csv", "ood.csv"):
             if (params.paths.reports / table).exists():
                 tracking.log_artifact(params.paths.reports / table, "evaluation")

@@ -14,7 +14,7 @@ import pandas as pd
 from src.config import CLASSES, Params
 from src.fileio import read_json, write_text
 from src.learn.inference import DECISION_FILE
-from src.prepare.index import SPLITS, read_split
+from src.prepare.index import ISIC_SPLIT, SPLITS, read_split
 from src.tracking import runs as tracking
 from src.tracking.triage_report import guard_misses_probes
 
@@ -122,13 +122,20 @@ def data_section(facts: RunFacts) -> str:
     )
 
 
+def metric_columns(m: dict) -> list[tuple[str, str]]:
+    """The card's metric columns (heading, metric prefix): val and test, and the ISIC 2018 test set where evaluate
+    scored one (images from other clinics and devices than HAM10000's)."""
+    columns = [("val (served)", "val_served/"), ("test", "test/")]
+    return columns + ([("ISIC 2018 test", f"{ISIC_SPLIT}/")] if f"{ISIC_SPLIT}/balanced_accuracy" in m else [])
+
+
 def metrics_section(facts: RunFacts) -> str:
-    m = facts.metrics
+    m, columns = facts.metrics, metric_columns(facts.metrics)
     rows = [
-        ("balanced accuracy", with_interval(m, "val_served/"), with_interval(m, "test/")),
-        ("macro ROC AUC", number(m.get("val_served/macro_roc_auc")), number(m.get("test/macro_roc_auc"))),
+        ("balanced accuracy", *(with_interval(m, prefix) for _, prefix in columns)),
+        ("macro ROC AUC", *(number(m.get(f"{prefix}macro_roc_auc")) for _, prefix in columns)),
         *(
-            (f"melanoma {k}", number(m.get(f"val_served/melanoma_{k}")), number(m.get(f"test/melanoma_{k}")))
+            (f"melanoma {k}", *(number(m.get(f"{prefix}melanoma_{k}")) for _, prefix in columns))
             for k in ("sensitivity", "specificity")
         ),
     ]
@@ -138,9 +145,9 @@ def metrics_section(facts: RunFacts) -> str:
             "The served model (its decision rule below). Intervals: percentile bootstrap over lesions, 2000 resamples."
             " Val's prior correction, where on, is fitted on the other half of val's lesions.",
             "",
-            "| metric | val (served) | test |",
-            "|---|---|---|",
-            *(f"| {name} | {val} | {test} |" for name, val, test in rows),
+            "| metric | " + " | ".join(heading for heading, _ in columns) + " |",
+            "|---" * (1 + len(columns)) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows),
         ]
     )
 
@@ -190,8 +197,14 @@ def referral_line(m: dict, threshold: float | None) -> str:
         f"- Referral: a case is referred when its top probability is below {number(threshold, 4)} (fitted on val for "
         f"decided cases' balanced accuracy {number(m.get('referral/target'), 2)}); decided on val "
         f"{100 * m['referral/val/coverage']:.1f}% at {number(m['referral/val/decided_balanced_accuracy'])}, on test "
-        f"{100 * m['referral/test/coverage']:.1f}% at {number(m['referral/test/decided_balanced_accuracy'])} "
-        "(reports/risk_coverage.csv)."
+        f"{100 * m['referral/test/coverage']:.1f}% at {number(m['referral/test/decided_balanced_accuracy'])}"
+        + (
+            f", on the ISIC 2018 test set {100 * m[isic]:.1f}% at "
+            f"{number(m[f'referral/{ISIC_SPLIT}/decided_balanced_accuracy'])}"
+            if (isic := f"referral/{ISIC_SPLIT}/coverage") in m
+            else ""
+        )
+        + " (reports/risk_coverage.csv)."
     )
 
 
@@ -303,6 +316,12 @@ def read_subgroups(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, na_values=[""]).fillna({"flag": ""})
 
 
+def card_splits(params: Params) -> dict[str, pd.DataFrame]:
+    """train, val and test, and the ISIC 2018 test set where the split stage indexed one."""
+    isic = (params.paths.splits / f"{ISIC_SPLIT}.csv").exists()
+    return {name: read_split(params.paths, name) for name in (*SPLITS, *([ISIC_SPLIT] if isic else []))}
+
+
 def write_model_card(
     params: Params, ckpt: dict, metrics: dict, provenance: dict, run_id: str, registered: dict | None
 ) -> str:
@@ -315,7 +334,7 @@ def write_model_card(
         metrics=metrics,
         provenance=provenance,
         decision=read_json(params.paths.models / DECISION_FILE),
-        splits={name: read_split(params.paths, name) for name in SPLITS},
+        splits=card_splits(params),
         subgroups=read_subgroups(subgroups) if subgroups.exists() else None,
         run_id=run_id,
         registered=registered,

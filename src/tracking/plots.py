@@ -155,7 +155,9 @@ def risk_coverage_png(curve, metrics: dict[str, float], target: float | None, pa
     """Balanced accuracy of the decided cases against the share decided, per split, with the referral rule's point
     on each and the target as a line."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (name, rows), colour in zip(curve.groupby("split", sort=False), ("tab:blue", "tab:red"), strict=False):
+    for (name, rows), colour in zip(
+        curve.groupby("split", sort=False), ("tab:blue", "tab:red", "tab:green"), strict=False
+    ):
         ax.plot(rows["coverage"], rows["balanced_accuracy"], color=colour, lw=1.2, label=name)
         if f"referral/{name}/coverage" in metrics:
             point = (metrics[f"referral/{name}/coverage"], metrics[f"referral/{name}/decided_balanced_accuracy"])

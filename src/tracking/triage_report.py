@@ -27,7 +27,6 @@ from src.prepare.imaging import load_image
 from src.tracking.plots import risk_coverage_png
 
 log = logging.getLogger(__name__)
-SPLITS = ("val", "test")
 
 
 def predictions_file(params: Params, name: str):
@@ -58,13 +57,18 @@ def fit_triage(served: Probabilities, params: Params, features: dict[str, tuple[
 
 
 def triage_report(
-    triage: Triage, params: Params, features: dict[str, tuple[np.ndarray, np.ndarray]], size: int, device
+    triage: Triage,
+    params: Params,
+    features: dict[str, tuple[np.ndarray, np.ndarray]],
+    splits: list[str],
+    size: int,
+    device,
 ) -> dict[str, float]:
-    """Score the rule on val and test and the guard on the probe images; write the reports, add the flags to the
-    predictions CSVs; the metrics."""
+    """Score the rule on the evaluated splits (val, test and the ISIC 2018 test set where there is one) and the guard on
+    them and on the probe images; write the reports, add the flags to the predictions CSVs; the metrics."""
     metrics, curves, rates = {}, [], []
     threshold = float(triage.referral_threshold)
-    for name in SPLITS:
+    for name in splits:
         frame, labels, probs = served_predictions(params, name)
         curves.append(risk_coverage(labels, probs).assign(split=name))
         if params.evaluate.referral_target is not None:
@@ -82,7 +86,7 @@ def triage_report(
     (params.paths.reports / "ood.csv").unlink(missing_ok=True)  # an earlier model's, were the guard now off
     if triage.guard is not None:
         metrics |= ood_report(triage, params, size, device, rates)
-    _log(metrics)
+    _log(metrics, splits)
     target = params.evaluate.referral_target
     return metrics | {"referral/threshold": threshold} | ({} if target is None else {"referral/target": target})
 
@@ -124,8 +128,8 @@ def guard_misses_probes(metrics: dict[str, float]) -> bool:
     return min(rates) < GUARD_PROBES_TRUSTED
 
 
-def _log(metrics: dict[str, float]) -> None:
-    for name in SPLITS:
+def _log(metrics: dict[str, float], splits: list[str]) -> None:
+    for name in splits:
         if f"referral/{name}/coverage" in metrics:
             log.info(
                 "referral on %s: %.1f%% of cases decided, balanced accuracy of those %.4f",
@@ -134,10 +138,11 @@ def _log(metrics: dict[str, float]) -> None:
                 metrics[f"referral/{name}/decided_balanced_accuracy"],
             )
     if "ood/photos_flagged" in metrics:
+        rates = ", ".join(f"{100 * metrics[f'ood/{name}_flagged']:.1f}% of {name}" for name in splits)
         log.info(
-            "OOD guard flags %.1f%% of val, %.1f%% of test, %.0f%% of the photographs and %.0f%% of the generated "
-            "non-images",
-            *(100 * metrics[f"ood/{k}_flagged"] for k in ("val", "test", "photos", "generated")),
+            "OOD guard flags %s, %.0f%% of the photographs and %.0f%% of the generated non-images",
+            rates,
+            *(100 * metrics[f"ood/{k}_flagged"] for k in ("photos", "generated")),
         )
     if guard_misses_probes(metrics):
         log.warning(

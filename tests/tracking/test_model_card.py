@@ -132,3 +132,22 @@ def test_the_card_says_when_the_guard_lets_the_probe_images_through():
     weak = guard_line(guard | {"ood/photos_flagged": 0.0})
     assert "0% of the non-dermoscopy photographs" in weak and "do not rely on its flag" in weak
     assert "100% of the non-dermoscopy photographs" in strong and "do not rely" not in strong
+
+
+def test_the_card_scores_the_isic_2018_test_set_where_evaluate_did():
+    isic = {
+        "isic2018_test/balanced_accuracy": 0.6512,
+        "isic2018_test/balanced_accuracy_ci_low": 0.6,
+        "isic2018_test/balanced_accuracy_ci_high": 0.7,
+        "isic2018_test/macro_roc_auc": 0.9,
+    }
+    referral = {"referral/target": 0.9, "referral/val/decided_balanced_accuracy": 0.91, "referral/val/coverage": 0.4}
+    referral |= {"referral/test/decided_balanced_accuracy": 0.92, "referral/test/coverage": 0.38}
+    referral |= {"referral/isic2018_test/decided_balanced_accuracy": 0.8, "referral/isic2018_test/coverage": 0.25}
+    facts = run_facts()
+    card = model_card(dataclasses.replace(facts, metrics=facts.metrics | isic | referral))
+    assert "| metric | val (served) | test | ISIC 2018 test |" in card
+    assert metric_row(card, "balanced accuracy")[2] == "0.6512 (95% CI 0.6000-0.7000)"
+    assert metric_row(card, "melanoma sensitivity") == ["n/a", "0.6100", "n/a"]
+    assert "on test 38.0% at 0.9200, on the ISIC 2018 test set 25.0% at 0.8000 (reports/risk_coverage.csv)" in card
+    assert "| metric | val (served) | test |\n" in model_card(facts) and "ISIC" not in model_card(facts)
