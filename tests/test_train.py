@@ -194,10 +194,11 @@ def test_evaluate_registers_champion_and_predict_matches(evaluated, synthetic_ra
     assert champion.description == card and card.startswith(f"# Model card: {name} version 1\n")  # the registry page
     run_id = champion.tags["run_id"]
     assert {"model_card.md", "evaluation"} <= {a.path for a in client.list_artifacts(run_id)}
-    assert (
-        f"| {ISIC_TEST} | {reported[f'{ISIC_TEST}/images']} | 10 |" in card
-        and f", on the ISIC 2018 test set {100 * reported[f'referral/{ISIC_TEST}/coverage']:.1f}% at" in card
-    )
+    assert f"| {ISIC_TEST} | {reported[f'{ISIC_TEST}/images']} | 10 |" in card
+    if reported["referral/val/coverage"] == 0:  # a 2-epoch model reaches the target on no share of val
+        assert "every case is referred: this model decides nothing" in card
+    else:
+        assert f", on the ISIC 2018 test set {100 * reported[f'referral/{ISIC_TEST}/coverage']:.1f}% at" in card
     assert {"evaluation/subgroups.csv", "evaluation/subgroups_val.csv", f"evaluation/predictions_{ISIC_TEST}.csv"} <= {
         a.path for a in client.list_artifacts(run_id, "evaluation")
     }

@@ -193,6 +193,11 @@ def referral_line(m: dict, threshold: float | None) -> str:
     """The referral rule and what it decides on val and test."""
     if "referral/val/coverage" not in m:
         return "- Referral: none (`evaluate.referral_target` is null); every case is decided."
+    if m["referral/val/coverage"] == 0:  # the threshold is above every probability (REFER_ALL)
+        return (
+            f"- Referral: no confidence threshold reaches the target balanced accuracy "
+            f"{number(m.get('referral/target'), 2)} on val, so every case is referred: this model decides nothing."
+        )
     return (
         f"- Referral: a case is referred when its top probability is below {number(threshold, 4)} (fitted on val for "
         f"decided cases' balanced accuracy {number(m.get('referral/target'), 2)}); decided on val "

@@ -130,7 +130,9 @@ def guard_misses_probes(metrics: dict[str, float]) -> bool:
 
 def _log(metrics: dict[str, float], splits: list[str]) -> None:
     for name in splits:
-        if f"referral/{name}/coverage" in metrics:
+        if metrics.get(f"referral/{name}/decided") == 0:
+            log.info("referral on %s: every case referred", name)
+        elif f"referral/{name}/coverage" in metrics:
             log.info(
                 "referral on %s: %.1f%% of cases decided, balanced accuracy of those %.4f",
                 name,

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from src.config import CLASSES, Params
+from src.learn.referral import REFER_ALL
 from src.learn.subgroups import subgroup_table
-from src.tracking.model_card import RunFacts, guard_line, model_card
+from src.tracking.model_card import RunFacts, guard_line, model_card, referral_line
 from src.tracking.registry import fit_description
 
 
@@ -151,3 +152,20 @@ def test_the_card_scores_the_isic_2018_test_set_where_evaluate_did():
     assert metric_row(card, "melanoma sensitivity") == ["n/a", "0.6100", "n/a"]
     assert "on test 38.0% at 0.9200, on the ISIC 2018 test set 25.0% at 0.8000 (reports/risk_coverage.csv)" in card
     assert "| metric | val (served) | test |\n" in model_card(facts) and "ISIC" not in model_card(facts)
+
+
+def test_the_card_says_when_the_referral_rule_decides_nothing():
+    # a from-scratch model reached no 0.90 on any share of val: every case referred, no "0.0% decided at 0.0000"
+    referral = {"referral/target": 0.9, "referral/val/coverage": 0.0, "referral/val/decided_balanced_accuracy": 0.0}
+    line = referral_line(referral | {"referral/test/coverage": 0.0}, float(np.float32(REFER_ALL)))  # as stored
+    assert "every case is referred" in line and "0.0000" not in line
+    assert "decided on val 35.0% at 0.9100" in referral_line(
+        referral
+        | {
+            "referral/val/coverage": 0.35,
+            "referral/val/decided_balanced_accuracy": 0.91,
+            "referral/test/coverage": 0.3,
+            "referral/test/decided_balanced_accuracy": 0.92,
+        },
+        0.8,
+    )
