@@ -26,6 +26,7 @@ from src.learn.explain import DEFAULT_METHOD, METHODS, ExplainError, explain_map
 from src.learn.inference import CHECKPOINT_FILE, load_trained, probabilities, save_decision
 from src.learn.metrics import balanced_accuracy, balanced_accuracy_interval, confusion, full_metrics, roc_curves
 from src.learn.model import TTA_VIEWS, AllViews, Classifier, Probabilities
+from src.prepare.index import ISIC_SPLIT
 from src.tracking import registry
 from src.tracking import runs as tracking
 from src.tracking.model_card import CARD_FILE, write_model_card
@@ -36,7 +37,6 @@ from src.tracking.subgroup_report import subgroup_report
 from src.tracking.triage_report import fit_triage, predictions_file, triage_report
 
 log = logging.getLogger(__name__)
-ISIC_TEST = "isic2018_test"
 # The served model (TTA, temperature, offsets) on val: what the registry promotes on by default. Not `val/`, which
 # holds training's per-epoch curve of the raw/EMA weights in the same run.
 VAL_SERVED = "val_served/"
@@ -342,7 +342,7 @@ def evaluate(params: Params) -> dict[str, float]:
     classifier, ckpt = load_trained(trained_checkpoint(params.paths.models))
     image_size = ckpt["config"]["data"]["image_size"]
     classifier = classifier.to(device)
-    splits = ["test"] + ([ISIC_TEST] if (params.paths.splits / f"{ISIC_TEST}.csv").exists() else [])
+    splits = ["test"] + ([ISIC_SPLIT] if (params.paths.splits / f"{ISIC_SPLIT}.csv").exists() else [])
     passes = {name: split_pass(classifier, params, name, image_size, device) for name in ["val", *splits]}
     served, metrics = fit_decision(classifier, params, passes["val"])
     for name in splits:
@@ -365,9 +365,9 @@ def evaluate(params: Params) -> dict[str, float]:
         tracking.log_metrics(metrics)
         for png in sorted(params.paths.reports.glob("*.png")):
             tracking.log_artifact(png, "evaluation")
-        for table in ("evaluate.json", "confusions.csv", "calibration.csv", "predictions.csv", "predictions_val.csv"):
+        for table in ("evaluate.json", "confusions.csv", "calibration.csv"):
             tracking.log_artifact(params.paths.reports / table, "evaluation")
-        for name in splits[1:]:  # the ISIC 2018 test set's, with its triage flags
+        for name in passes:  # the served predictions with their triage flags, per split
             tracking.log_artifact(predictions_file(params, name), "evaluation")
         for table in ("risk_coverage.csv", "ood.csv"):
             if (params.paths.reports / table).exists():
